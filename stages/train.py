@@ -1,0 +1,254 @@
+"""Fine-tune a LoRA adapter on the formatted train split with trl's SFTTrainer; loss on answer tokens only.
+
+DVC stage `train`.  Run by hand:
+    python -m stages.train --data data/formatted --out models/adapter --metrics metrics/train.json \
+        --curves metrics/train_curves --checkpoints models/checkpoints
+Reads params `base`, `model`, `train`. Writes the adapter (safetensors + tokenizer + run_config.json), the
+training metrics, loss curves (dvclive TSV + PNG). Checkpoints go to --checkpoints, which DVC does not
+track: re-running after an interruption resumes from the last one if the params and data are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import click
+
+from stages.common import (
+    BaseParams,
+    MedtuneError,
+    atomic_dir,
+    cli_errors,
+    load_params,
+    log_params,
+    read_jsonl,
+    set_seed,
+    setup_logging,
+    write_json,
+)
+from stages.modeling import ModelParams, device, device_name, end_of_turn, load_model, load_tokenizer, resolve_base, versions
+
+log = logging.getLogger("medtune.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    lora_r: int  # adapter rank: higher = more capacity and memory
+    lora_alpha: int  # scale = alpha / r
+    lora_dropout: float
+    target_modules: list[str]  # ["all-linear"] or module names such as q_proj, v_proj
+    learning_rate: float
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    warmup_ratio: float  # fraction of the steps spent warming up
+    weight_decay: float
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]
+    epochs: float  # used when max_steps is -1
+    max_steps: int  # -1: train for `epochs`
+    batch_size: int  # per device
+    grad_accum: int  # effective batch = batch_size * grad_accum * devices
+    gradient_checkpointing: bool  # saves activation memory, costs ~30% more compute
+    eval_steps: int  # eval loss on val every N steps; 0: only at the end
+    save_steps: int  # checkpoint every N steps for resume; 0: no checkpoints
+    logging_steps: int
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            out.append("lora_r/lora_alpha: must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            out.append("lora_dropout: must be in [0, 1)")
+        if self.learning_rate <= 0:
+            out.append("learning_rate: must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append("warmup_ratio: must be in [0, 1)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            out.append("max_steps: must be positive, or -1 to train for `epochs`")
+        if self.max_steps == -1 and self.epochs <= 0:
+            out.append("epochs: must be positive when max_steps is -1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.logging_steps < 1:
+            out.append("batch_size/grad_accum/logging_steps: must be >= 1")
+        if not self.target_modules:
+            out.append("target_modules: name at least one module, or [all-linear]")
+        return out
+
+
+def preflight(p: TrainParams) -> None:
+    """Fail before loading anything on combinations that cannot work here."""
+    if p.optim in ("adamw_8bit", "paged_adamw_8bit") and device() != "cuda":
+        raise MedtuneError(f"train.optim={p.optim} needs a CUDA GPU (bitsandbytes); on CPU use -S train.optim=adamw_torch")
+
+
+def fingerprint(*objs, data_file: Path) -> str:
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(o) for o in objs], sort_keys=True).encode())
+    h.update(data_file.read_bytes())
+    return h.hexdigest()
+
+
+def last_checkpoint(ckpt_dir: Path, fp: str) -> bool:
+    """True if ckpt_dir holds checkpoints of this exact run; otherwise clear it for a fresh start."""
+    stamp = ckpt_dir / "fingerprint.txt"
+    if stamp.exists() and stamp.read_text() == fp and any(ckpt_dir.glob("checkpoint-*")):
+        return True
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ckpt_dir.mkdir(parents=True)
+    stamp.write_text(fp)
+    return False
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def plot_loss(history: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("loss", "train"), ("eval_loss", "val")):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if label == "val" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_dir: Path, curves_dir: Path, ckpt_dir: Path) -> dict:
+    preflight(p)
+    import datasets
+    import torch
+    from dvclive import Live
+    from peft import LoraConfig
+    from transformers.integrations import DVCLiveCallback
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(base.seed)
+    base_path, identity = resolve_base(m)
+    tok = load_tokenizer(base_path, m)
+    cols = ["prompt", "completion"]
+    train_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(data_dir / "train.jsonl")])
+    val_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(data_dir / "val.jsonl")])
+    model = load_model(base_path, m)
+    cuda = device() == "cuda"
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    fp = fingerprint(p, m, base, data_file=data_dir / "train.jsonl")
+    resume = p.save_steps > 0 and last_checkpoint(ckpt_dir, fp)
+    if p.save_steps == 0:
+        last_checkpoint(ckpt_dir, fp)  # clears stale checkpoints
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum,
+        learning_rate=p.learning_rate,
+        lr_scheduler_type=p.lr_scheduler,
+        warmup_steps=p.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=p.weight_decay,
+        optim=p.optim,
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps,
+        gradient_checkpointing=p.gradient_checkpointing,
+        eval_strategy="steps" if p.eval_steps else "no",
+        eval_steps=p.eval_steps or None,
+        save_strategy="steps" if p.save_steps else "no",
+        save_steps=p.save_steps or 500,
+        save_total_limit=2,
+        logging_steps=p.logging_steps,
+        seed=base.seed,
+        data_seed=base.seed,
+        use_cpu=not cuda,
+        bf16=bf16,
+        report_to="none",
+        max_length=None,  # format already dropped examples over format.max_length
+        completion_only_loss=True,
+        eos_token=end_of_turn(tok),  # the completion already ends with it, so trl adds nothing
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+    )
+    live = Live(dir=str(curves_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=p.lora_r,
+            lora_alpha=p.lora_alpha,
+            lora_dropout=p.lora_dropout,
+            target_modules=p.target_modules[0] if list(p.target_modules) == ["all-linear"] else list(p.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+        callbacks=[DVCLiveCallback(live=live)],
+    )
+    trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=bool(resume) or None)
+    wall = time.perf_counter() - t0
+    eval_loss = trainer.evaluate()["eval_loss"]
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    metrics = {
+        "train_loss": round(float(result.training_loss), 4),
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "eval_loss": round(float(eval_loss), 4),
+        "steps": trainer.state.global_step,
+        "tokens_trained": tokens,
+        "tokens_per_s": round(tokens / wall, 1),
+        "wall_s": round(wall, 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "trainable_params": trainable,
+        "resumed": bool(resume),
+    }
+    plot_loss(history, curves_dir / "loss.png")
+    with atomic_dir(out_dir) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "run_config.json", {
+            "params": {"base": dataclasses.asdict(base), "model": dataclasses.asdict(m), "train": dataclasses.asdict(p)},
+            "base_model": identity,
+            "versions": versions(),
+            "device": device_name(),
+            "metrics": metrics,
+        })
+    return metrics
+
+
+@click.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--metrics", "metrics_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--curves", "curves_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--checkpoints", "ckpt_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def main(data_dir: Path, out_dir: Path, metrics_file: Path, curves_dir: Path, ckpt_dir: Path) -> None:
+    setup_logging()
+    with cli_errors():
+        base, m, p = load_params(("base", BaseParams), ("model", ModelParams), ("train", TrainParams))
+        log_params("train", base, m, p)
+        metrics = run(p, m, base, data_dir, out_dir, curves_dir, ckpt_dir)
+        write_json(metrics_file, metrics)
+    log.info("trained: %s", metrics)
+
+
+if __name__ == "__main__":
+    main()
