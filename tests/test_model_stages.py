@@ -1,0 +1,136 @@
+"""train -> evaluate -> merge on a tiny model built in a fixture (seconds, CPU, no network)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import clean, evaluate, fetch, format as format_stage, merge, split, train
+from stages.common import BaseParams, read_jsonl
+from stages.modeling import ModelParams
+from tests.conftest import ASSETS, tiny_params
+
+BASE = BaseParams(seed=3)
+
+
+def section(cls, tiny_model, name, **kw):
+    return cls(**(tiny_params(tiny_model)[name] | kw))
+
+
+@pytest.fixture(scope="module")
+def formatted(tmp_path_factory, tiny_model) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    fetch.run(section(fetch.FetchParams, tiny_model, "fetch", source=str(ASSETS / "medquad_tiny.jsonl")), BASE, d / "raw")
+    clean.run(section(clean.CleanParams, tiny_model, "clean"), d / "raw", d / "clean")
+    split.run(section(split.SplitParams, tiny_model, "split"), BASE, d / "clean", d / "split")
+    format_stage.run(section(format_stage.FormatParams, tiny_model, "format"), model_params(tiny_model), d / "split", d / "fmt")
+    return d / "fmt"
+
+
+def model_params(tiny_model) -> ModelParams:
+    return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+
+
+def train_params(tiny_model, **kw) -> train.TrainParams:
+    return section(train.TrainParams, tiny_model, "train", **({"target_modules": ("q_proj", "v_proj")} | kw))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, formatted) -> tuple[Path, dict]:
+    d = tmp_path_factory.mktemp("train")
+    metrics = train.run(train_params(tiny_model), model_params(tiny_model), BASE, formatted, d / "adapter", d / "curves", d / "ckpt")
+    return d, metrics
+
+
+def test_train_writes_a_safetensors_adapter_that_changed_only_lora_weights(trained, tiny_model):
+    d, metrics = trained
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
+    assert metrics["steps"] == 4 and metrics["tokens_trained"] > 0 and metrics["trainable_params"] > 0
+    weights = load_file(d / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means it trained
+    assert not [k for k in weights if "lora" not in k]  # no base weights in the adapter
+    cfg = json.loads((d / "adapter" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"] and cfg["r"] == 16
+    run_config = json.loads((d / "adapter" / "run_config.json").read_text())
+    assert run_config["base_model"]["kind"] == "local" and "peft" in run_config["versions"]
+    assert (d / "curves" / "loss.png").stat().st_size > 1000
+    assert (d / "curves" / "plots" / "metrics" / "loss.tsv").exists()
+
+
+def test_train_resumes_from_the_last_checkpoint(tmp_path, tiny_model, formatted):
+    p = train_params(tiny_model)
+    args = (p, model_params(tiny_model), BASE, formatted)
+    first = train.run(*args, tmp_path / "a1", tmp_path / "c1", tmp_path / "ckpt")
+    assert sorted(x.name for x in (tmp_path / "ckpt").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    shutil.rmtree(tmp_path / "ckpt" / "checkpoint-4")  # as if killed between step 2 and 4
+    second = train.run(*args, tmp_path / "a2", tmp_path / "c2", tmp_path / "ckpt")
+    assert second["resumed"] and second["steps"] == first["steps"] == 4
+    a, b = (load_file(tmp_path / x / "adapter_model.safetensors") for x in ("a1", "a2"))
+    for k in a:  # same seed, same data order: resuming gives the same weights on CPU
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_train_with_other_params_starts_fresh(tmp_path, tiny_model, formatted):
+    args = (model_params(tiny_model), BASE, formatted)
+    train.run(train_params(tiny_model), *args, tmp_path / "a1", tmp_path / "c1", tmp_path / "ckpt")
+    metrics = train.run(train_params(tiny_model, learning_rate=5e-4), *args, tmp_path / "a2", tmp_path / "c2", tmp_path / "ckpt")
+    assert not metrics["resumed"]
+
+
+def test_train_rejects_8bit_optimiser_without_cuda(tmp_path, tiny_model, formatted):
+    from stages.common import MedtuneError
+
+    with pytest.raises(MedtuneError, match="adamw_torch"):
+        train.run(train_params(tiny_model, optim="adamw_8bit"), model_params(tiny_model), BASE, formatted,
+                  tmp_path / "a", tmp_path / "c", tmp_path / "ckpt")
+
+
+def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained, tiny_model, formatted):
+    d, _ = trained
+    p = section(evaluate.EvaluateParams, tiny_model, "evaluate")
+    base = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "base")
+    tuned = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "tuned", adapter=d / "adapter",
+                         baseline=tmp_path / "base" / "predictions.jsonl")
+    assert base["n"] == tuned["n"] == 4
+    for m in (base, tuned):
+        lo, hi = m["rougeL_ci"]
+        assert 0 <= lo <= m["rougeL"] <= hi <= 1
+        assert 0 <= m["runaway_rate"] <= 1 and 0 <= m["empty_rate"] <= 1
+    assert "delta_rougeL" in tuned and "delta_rougeL" not in base
+    preds = {p["id"]: p for p in read_jsonl(tmp_path / "tuned" / "predictions.jsonl")}
+    base_preds = {p["id"]: p for p in read_jsonl(tmp_path / "base" / "predictions.jsonl")}
+    assert preds.keys() == base_preds.keys()
+    mean_delta = sum(preds[i]["rougeL"] - base_preds[i]["rougeL"] for i in preds) / len(preds)
+    assert tuned["delta_rougeL"] == pytest.approx(mean_delta, abs=1e-3)
+
+
+def test_rouge_and_token_f1_score_real_text():
+    assert evaluate.token_f1("The cause is unknown.", "the cause is unknown") == 1.0
+    assert evaluate.token_f1("fever", "headache") == 0.0
+    assert evaluate.repetition("a b c a b c a b c a b c") > 0.5 > evaluate.repetition("one two three four five six")
+
+
+def test_merge_matches_base_plus_adapter(tmp_path, trained, tiny_model, formatted):
+    d, _ = trained
+    p = section(merge.MergeParams, tiny_model, "merge")
+    metrics = merge.run(p, model_params(tiny_model), d / "adapter", formatted, tmp_path / "merged")
+    assert metrics["passed"] and metrics["greedy_answers_identical"] and metrics["max_abs_logit_diff"] <= p.atol
+    assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "merged" / "run_config.json").read_text())["merge_check"]["passed"]
+
+
+def test_merge_fails_on_an_impossible_tolerance_and_writes_nothing(tmp_path, trained, tiny_model, formatted):
+    from stages.common import MedtuneError
+
+    d, _ = trained
+    p = section(merge.MergeParams, tiny_model, "merge", dtype="bfloat16", atol=1e-9)
+    with pytest.raises(MedtuneError, match="merge check failed"):
+        merge.run(p, model_params(tiny_model), d / "adapter", formatted, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

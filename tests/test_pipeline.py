@@ -1,0 +1,59 @@
+"""The pipeline as a user runs it: `dvc repro`, a second `dvc repro`, an evaluation knob, `dvc exp run -S`.
+
+Fast: a tiny model built in a fixture. The real-model run is in test_slow.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+OUTPUTS = ["data/raw/manifest.json", "data/clean/records.jsonl", "data/split/test.jsonl", "data/formatted/train.jsonl",
+           "models/adapter/adapter_model.safetensors", "metrics/eval_base.json", "metrics/eval_tuned.json",
+           "eval/tuned/predictions.jsonl", "models/merged/model.safetensors", "metrics/merge.json"]
+
+
+def dvc(repo: Path, *args: str) -> str:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # stages run `python`
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_dvc_repro_end_to_end_then_cached_then_eval_only(repo_copy):
+    out = dvc(repo_copy, "repro")
+    assert ran(out) == {"fetch", "clean", "split", "format", "train", "evaluate_base", "evaluate_tuned", "merge"}
+    for f in OUTPUTS:
+        assert (repo_copy / f).exists(), f
+    assert json.loads((repo_copy / "metrics/merge.json").read_text())["passed"]
+    lock = (repo_copy / "dvc.lock").read_text()
+    assert "models/adapter" in lock and "learning_rate" in lock
+
+    assert ran(dvc(repo_copy, "repro")) == set()  # nothing reruns
+
+    params = (repo_copy / "params.yaml").read_text()
+    (repo_copy / "params.yaml").write_text(params.replace("max_new_tokens: 8", "max_new_tokens: 6"))
+    assert ran(dvc(repo_copy, "repro")) == {"evaluate_base", "evaluate_tuned"}
+
+
+def test_dvc_exp_run_compares_two_experiments(repo_copy):
+    dvc(repo_copy, "repro")
+    subprocess.run(["git", "add", "-A"], cwd=repo_copy, check=True)
+    subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=repo_copy, check=True)
+    out = dvc(repo_copy, "exp", "run", "-S", "train.learning_rate=0.002", "-n", "lr-2e-3")
+    assert ran(out) == {"train", "evaluate_tuned", "merge"}  # data and the base evaluation stay cached
+    shown = json.loads(dvc(repo_copy, "exp", "show", "--json"))
+    text = json.dumps(shown)
+    assert "lr-2e-3" in text and "0.002" in text and "eval_tuned.json" in text
+    diff = dvc(repo_copy, "metrics", "diff", "HEAD", "--json")
+    assert "metrics/eval_tuned.json" in diff or "metrics/train.json" in diff

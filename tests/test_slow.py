@@ -1,0 +1,34 @@
+"""The default pipeline on the real default model (gemma-3-270m from PyPI), as the README runs it: minutes on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_pipeline import dvc, ran
+
+
+@pytest.mark.slow
+def test_default_dvc_repro_tunes_a_model_that_beats_its_base(tmp_path, monkeypatch):
+    # the real model's dense conversion is cached per user (~45 s once); keep it across runs
+    monkeypatch.delenv("HF_HOME", raising=False)
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
+    for f in ("params.yaml", "dvc.yaml"):  # the working tree's version, committed or not
+        shutil.copy(REPO / f, repo / f)
+    shutil.rmtree(repo / "stages")
+    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    out = dvc(repo, "repro", "--force")
+    assert "train" in ran(out) and "merge" in ran(out)
+    base = json.loads((repo / "metrics/eval_base.json").read_text())
+    tuned = json.loads((repo / "metrics/eval_tuned.json").read_text())
+    assert base["n"] == tuned["n"] >= 30
+    assert tuned["rougeL"] > base["rougeL"], (base["rougeL"], tuned["rougeL"])
+    assert tuned["delta_rougeL_ci"][0] > 0  # the gain is not noise
+    assert tuned["runaway_rate"] < 0.5  # the tuned model learned to stop
+    assert json.loads((repo / "metrics/merge.json").read_text())["passed"]
+    assert ran(dvc(repo, "repro")) == set()  # a second run reruns nothing
