@@ -44,7 +44,9 @@ class TrainParams:
     lora_r: int  # adapter rank: higher = more capacity and memory
     lora_alpha: int  # scale = alpha / r
     lora_dropout: float
+    lora_bias: Literal["none", "all", "lora_only"]
     target_modules: list[str]  # ["all-linear"] or module names such as q_proj, v_proj
+    quantization: Literal["none", "4bit", "8bit"]  # 4bit = QLoRA (NF4, double quantisation, bf16 compute); CUDA only
     learning_rate: float
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
     warmup_ratio: float  # fraction of the steps spent warming up
@@ -55,6 +57,8 @@ class TrainParams:
     batch_size: int  # per device
     grad_accum: int  # effective batch = batch_size * grad_accum * devices
     gradient_checkpointing: bool  # saves activation memory, costs ~30% more compute
+    padding_free: bool  # concatenate each batch into one row (no padding tokens); sequences stay separate
+    neftune_noise_alpha: float | None  # NEFTune embedding noise; null: off
     eval_steps: int  # eval loss on val every N steps; 0: only at the end
     save_steps: int  # checkpoint every N steps for resume; 0: no checkpoints
     logging_steps: int
@@ -84,6 +88,71 @@ def preflight(p: TrainParams) -> None:
     """Fail before loading anything on combinations that cannot work here."""
     if p.optim in ("adamw_8bit", "paged_adamw_8bit") and device() != "cuda":
         raise MedtuneError(f"train.optim={p.optim} needs a CUDA GPU (bitsandbytes); on CPU use -S train.optim=adamw_torch")
+    if p.quantization != "none" and device() != "cuda":
+        raise MedtuneError(f"train.quantization={p.quantization} needs a CUDA GPU (bitsandbytes); on CPU use "
+                           "-S train.quantization=none (plain LoRA on the full-precision base)")
+
+
+def quantization_config(p: TrainParams):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if p.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def lora_config(p: TrainParams):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout,
+        bias=p.lora_bias,
+        target_modules=p.target_modules[0] if list(p.target_modules) == ["all-linear"] else list(p.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
+    """The trl SFTConfig of the `train` stage (also used by benchmarks/bench_train.py)."""
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum,
+        learning_rate=p.learning_rate,
+        lr_scheduler_type=p.lr_scheduler,
+        warmup_steps=p.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=p.weight_decay,
+        optim=p.optim,
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps,
+        gradient_checkpointing=p.gradient_checkpointing,
+        padding_free=p.padding_free,
+        neftune_noise_alpha=p.neftune_noise_alpha,
+        eval_strategy="steps" if p.eval_steps else "no",
+        eval_steps=p.eval_steps or None,
+        save_strategy="steps" if p.save_steps else "no",
+        save_steps=p.save_steps or 500,
+        save_total_limit=2,
+        logging_steps=p.logging_steps,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        report_to="none",
+        max_length=None,  # format already dropped examples over format.max_length
+        completion_only_loss=True,
+        eos_token=eot,  # the completion already ends with it, so trl adds nothing
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+    )
 
 
 def fingerprint(*objs, data_file: Path) -> str:
@@ -93,7 +162,8 @@ def fingerprint(*objs, data_file: Path) -> str:
 
 
 def last_checkpoint(ckpt_dir: Path, fp: str) -> bool:
-    """True if ckpt_dir holds checkpoints of this exact run; otherwise clear it for a fresh start."""
+    """True if ckpt_dir holds checkpoints of an interrupted run with the same params and data; otherwise clear
+    it for a fresh start. A finished run removes its checkpoints."""
     stamp = ckpt_dir / "fingerprint.txt"
     if stamp.exists() and stamp.read_text() == fp and any(ckpt_dir.glob("checkpoint-*")):
         return True
@@ -130,14 +200,14 @@ def plot_loss(history: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
-def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_dir: Path, curves_dir: Path, ckpt_dir: Path) -> dict:
+def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_dir: Path, curves_dir: Path, ckpt_dir: Path,
+        callbacks: tuple = ()) -> dict:
     preflight(p)
     import datasets
     import torch
     from dvclive import Live
-    from peft import LoraConfig
     from transformers.integrations import DVCLiveCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     set_seed(base.seed)
     base_path, identity = resolve_base(m)
@@ -145,43 +215,19 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     cols = ["prompt", "completion"]
     train_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(data_dir / "train.jsonl")])
     val_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(data_dir / "val.jsonl")])
-    model = load_model(base_path, m)
     cuda = device() == "cuda"
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    if p.quantization == "none":
+        model = load_model(base_path, m)
+    else:  # QLoRA / 8-bit: the frozen base is quantized by bitsandbytes on load; trl prepares it for k-bit training
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization_config(p), dtype=torch.bfloat16,
+                                                     device_map={"": 0}, trust_remote_code=m.trust_remote_code, use_safetensors=True)
     fp = fingerprint(p, m, base, data_file=data_dir / "train.jsonl")
     resume = p.save_steps > 0 and last_checkpoint(ckpt_dir, fp)
     if p.save_steps == 0:
         last_checkpoint(ckpt_dir, fp)  # clears stale checkpoints
-    args = SFTConfig(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size,
-        gradient_accumulation_steps=p.grad_accum,
-        learning_rate=p.learning_rate,
-        lr_scheduler_type=p.lr_scheduler,
-        warmup_steps=p.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        weight_decay=p.weight_decay,
-        optim=p.optim,
-        num_train_epochs=p.epochs,
-        max_steps=p.max_steps,
-        gradient_checkpointing=p.gradient_checkpointing,
-        eval_strategy="steps" if p.eval_steps else "no",
-        eval_steps=p.eval_steps or None,
-        save_strategy="steps" if p.save_steps else "no",
-        save_steps=p.save_steps or 500,
-        save_total_limit=2,
-        logging_steps=p.logging_steps,
-        seed=base.seed,
-        data_seed=base.seed,
-        use_cpu=not cuda,
-        bf16=bf16,
-        report_to="none",
-        max_length=None,  # format already dropped examples over format.max_length
-        completion_only_loss=True,
-        eos_token=end_of_turn(tok),  # the completion already ends with it, so trl adds nothing
-        include_num_input_tokens_seen="non_padding",
-        dataset_num_proc=None,
-    )
+    args = sft_config(p, base.seed, ckpt_dir, end_of_turn(tok), cuda)
     live = Live(dir=str(curves_dir), dvcyaml=False, save_dvc_exp=False, report=None)
     trainer = SFTTrainer(
         model=model,
@@ -189,14 +235,8 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tok,
-        peft_config=LoraConfig(
-            r=p.lora_r,
-            lora_alpha=p.lora_alpha,
-            lora_dropout=p.lora_dropout,
-            target_modules=p.target_modules[0] if list(p.target_modules) == ["all-linear"] else list(p.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-        callbacks=[DVCLiveCallback(live=live)],
+        peft_config=lora_config(p),
+        callbacks=[DVCLiveCallback(live=live), *callbacks],
     )
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     if cuda:
@@ -231,6 +271,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
             "device": device_name(),
             "metrics": metrics,
         })
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the next run of this stage starts fresh
     return metrics
 
 

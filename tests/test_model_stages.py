@@ -64,24 +64,42 @@ def test_train_writes_a_safetensors_adapter_that_changed_only_lora_weights(train
     assert (d / "curves" / "plots" / "metrics" / "loss.tsv").exists()
 
 
-def test_train_resumes_from_the_last_checkpoint(tmp_path, tiny_model, formatted):
-    p = train_params(tiny_model)
-    args = (p, model_params(tiny_model), BASE, formatted)
-    first = train.run(*args, tmp_path / "a1", tmp_path / "c1", tmp_path / "ckpt")
-    assert sorted(x.name for x in (tmp_path / "ckpt").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    shutil.rmtree(tmp_path / "ckpt" / "checkpoint-4")  # as if killed between step 2 and 4
-    second = train.run(*args, tmp_path / "a2", tmp_path / "c2", tmp_path / "ckpt")
-    assert second["resumed"] and second["steps"] == first["steps"] == 4
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise Interrupt(f"killed at step {step}")
+
+    return Stop()
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model, formatted):
+    args = (train_params(tiny_model), model_params(tiny_model), BASE, formatted)
+    whole = train.run(*args, tmp_path / "a1", tmp_path / "c1", tmp_path / "ckpt1")
+    assert not (tmp_path / "ckpt1").exists()  # a finished run leaves no checkpoints behind
+    with pytest.raises(Interrupt):
+        train.run(*args, tmp_path / "a2", tmp_path / "c2", tmp_path / "ckpt2", callbacks=(interrupt_at(3),))
+    assert not (tmp_path / "a2").exists()  # no half-written adapter
+    assert [x.name for x in (tmp_path / "ckpt2").glob("checkpoint-*")] == ["checkpoint-2"]
+    resumed = train.run(*args, tmp_path / "a2", tmp_path / "c2", tmp_path / "ckpt2")
+    assert resumed["resumed"] and resumed["steps"] == whole["steps"] == 4
     a, b = (load_file(tmp_path / x / "adapter_model.safetensors") for x in ("a1", "a2"))
     for k in a:  # same seed, same data order: resuming gives the same weights on CPU
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def test_train_with_other_params_starts_fresh(tmp_path, tiny_model, formatted):
+def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_model, formatted):
     args = (model_params(tiny_model), BASE, formatted)
-    train.run(train_params(tiny_model), *args, tmp_path / "a1", tmp_path / "c1", tmp_path / "ckpt")
+    with pytest.raises(Interrupt):
+        train.run(train_params(tiny_model), *args, tmp_path / "a1", tmp_path / "c1", tmp_path / "ckpt", callbacks=(interrupt_at(3),))
     metrics = train.run(train_params(tiny_model, learning_rate=5e-4), *args, tmp_path / "a2", tmp_path / "c2", tmp_path / "ckpt")
-    assert not metrics["resumed"]
+    assert not metrics["resumed"] and metrics["steps"] == 4
 
 
 def test_train_rejects_8bit_optimiser_without_cuda(tmp_path, tiny_model, formatted):
@@ -134,3 +152,12 @@ def test_merge_fails_on_an_impossible_tolerance_and_writes_nothing(tmp_path, tra
     with pytest.raises(MedtuneError, match="merge check failed"):
         merge.run(p, model_params(tiny_model), d / "adapter", formatted, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_padding_free_batches_give_the_same_loss_as_padded_ones(tmp_path, tiny_model, formatted):
+    """Padding-free rows hold several sequences; they must not attend to each other (the loss would change)."""
+    args = (model_params(tiny_model), BASE, formatted)
+    padded = train.run(train_params(tiny_model, batch_size=4, save_steps=0), *args, tmp_path / "a1", tmp_path / "c1", tmp_path / "k1")
+    free = train.run(train_params(tiny_model, batch_size=4, save_steps=0, padding_free=True), *args, tmp_path / "a2", tmp_path / "c2", tmp_path / "k2")
+    assert free["train_loss"] == pytest.approx(padded["train_loss"], rel=1e-4)
+    assert free["tokens_trained"] == padded["tokens_trained"]
