@@ -173,6 +173,19 @@ def last_checkpoint(ckpt_dir: Path, fp: str) -> bool:
     return False
 
 
+def curve_loggers(curves_dir: Path) -> list:
+    """dvclive's callback (loss curves as DVC plots); none where dvclive is not installed (a bare GPU box):
+    loss.png and log_history.json are written either way."""
+    try:
+        from dvclive import Live
+    except ImportError:
+        log.warning("dvclive is not installed: no DVC plots, only %s/loss.png and log_history.json", curves_dir)
+        return []
+    from transformers.integrations import DVCLiveCallback
+
+    return [DVCLiveCallback(live=Live(dir=str(curves_dir), dvcyaml=False, save_dvc_exp=False, report=None))]
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -205,8 +218,6 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     preflight(p)
     import datasets
     import torch
-    from dvclive import Live
-    from transformers.integrations import DVCLiveCallback
     from trl import SFTTrainer
 
     set_seed(base.seed)
@@ -228,7 +239,6 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     if p.save_steps == 0:
         last_checkpoint(ckpt_dir, fp)  # clears stale checkpoints
     args = sft_config(p, base.seed, ckpt_dir, end_of_turn(tok), cuda)
-    live = Live(dir=str(curves_dir), dvcyaml=False, save_dvc_exp=False, report=None)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -236,7 +246,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         eval_dataset=val_ds,
         processing_class=tok,
         peft_config=lora_config(p),
-        callbacks=[DVCLiveCallback(live=live), *callbacks],
+        callbacks=[*curve_loggers(curves_dir), *callbacks],
     )
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     if cuda:
@@ -260,7 +270,9 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         "trainable_params": trainable,
         "resumed": bool(resume),
     }
+    curves_dir.mkdir(parents=True, exist_ok=True)
     plot_loss(history, curves_dir / "loss.png")
+    write_json(curves_dir / "log_history.json", history)
     with atomic_dir(out_dir) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
