@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import the project's stages from anywhere
+
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))

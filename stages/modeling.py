@@ -176,8 +176,8 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(path: Path, m: ModelParams, dtype: str = "auto"):
-    """Dense model on the best device: bf16 on a GPU that supports it, float32 on CPU."""
+def load_model(path: Path, m: ModelParams, dtype: str = "auto", on=None):
+    """Dense model on `on` or the best device: bf16 on a GPU that supports it, float32 on CPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -186,7 +186,7 @@ def load_model(path: Path, m: ModelParams, dtype: str = "auto"):
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), trust_remote_code=m.trust_remote_code, use_safetensors=True
     )
-    return model.to(device())
+    return model.to(on or device())
 
 
 def versions() -> dict:

@@ -161,16 +161,15 @@ def fingerprint(*objs, data_file: Path) -> str:
     return h.hexdigest()
 
 
-def last_checkpoint(ckpt_dir: Path, fp: str) -> bool:
-    """True if ckpt_dir holds checkpoints of an interrupted run with the same params and data; otherwise clear
-    it for a fresh start. A finished run removes its checkpoints."""
+def last_checkpoint(ckpt_dir: Path, fp: str) -> None:
+    """Keep ckpt_dir if it holds checkpoints of an interrupted run with the same params and data (training
+    resumes from the last one); otherwise clear it for a fresh start. A finished run removes its checkpoints."""
     stamp = ckpt_dir / "fingerprint.txt"
     if stamp.exists() and stamp.read_text() == fp and any(ckpt_dir.glob("checkpoint-*")):
-        return True
+        return
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir(parents=True)
     stamp.write_text(fp)
-    return False
 
 
 def curve_loggers(curves_dir: Path) -> list:
@@ -218,6 +217,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     preflight(p)
     import datasets
     import torch
+    from accelerate import PartialState
     from trl import SFTTrainer
 
     set_seed(base.seed)
@@ -227,17 +227,22 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     train_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(data_dir / "train.jsonl")])
     val_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(data_dir / "val.jsonl")])
     cuda = device() == "cuda"
+    # Under `accelerate launch` every process runs this function, each on its own device; only the main one
+    # touches the outputs.
+    state = PartialState(cpu=not cuda)  # cpu=True: gloo across CPU processes under `accelerate launch`
+    main_process = state.is_main_process
     if p.quantization == "none":
-        model = load_model(base_path, m)
+        model = load_model(base_path, m, on=state.device)
     else:  # QLoRA / 8-bit: the frozen base is quantized by bitsandbytes on load; trl prepares it for k-bit training
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization_config(p), dtype=torch.bfloat16,
-                                                     device_map={"": 0}, trust_remote_code=m.trust_remote_code, use_safetensors=True)
-    fp = fingerprint(p, m, base, data_file=data_dir / "train.jsonl")
-    resume = p.save_steps > 0 and last_checkpoint(ckpt_dir, fp)
-    if p.save_steps == 0:
-        last_checkpoint(ckpt_dir, fp)  # clears stale checkpoints
+                                                     device_map={"": state.local_process_index}, trust_remote_code=m.trust_remote_code,
+                                                     use_safetensors=True)
+    if main_process:
+        last_checkpoint(ckpt_dir, fingerprint(p, m, base, data_file=data_dir / "train.jsonl"))
+    state.wait_for_everyone()
+    resume = p.save_steps > 0 and any(ckpt_dir.glob("checkpoint-*"))
     args = sft_config(p, base.seed, ckpt_dir, end_of_turn(tok), cuda)
     trainer = SFTTrainer(
         model=model,
@@ -246,7 +251,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         eval_dataset=val_ds,
         processing_class=tok,
         peft_config=lora_config(p),
-        callbacks=[*curve_loggers(curves_dir), *callbacks],
+        callbacks=[*(curve_loggers(curves_dir) if main_process else []), *callbacks],
     )
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     if cuda:
@@ -269,7 +274,11 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_params": trainable,
         "resumed": bool(resume),
+        "processes": state.num_processes,
     }
+    log.info("world size %d, process %d: %s steps done", state.num_processes, state.process_index, metrics["steps"])
+    if not main_process:
+        return metrics
     curves_dir.mkdir(parents=True, exist_ok=True)
     plot_loss(history, curves_dir / "loss.png")
     write_json(curves_dir / "log_history.json", history)
@@ -283,6 +292,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
             "device": device_name(),
             "metrics": metrics,
         })
+    log.info("saved adapter to %s", out_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the next run of this stage starts fresh
     return metrics
 
@@ -299,7 +309,10 @@ def main(data_dir: Path, out_dir: Path, metrics_file: Path, curves_dir: Path, ck
         base, m, p = load_params(("base", BaseParams), ("model", ModelParams), ("train", TrainParams))
         log_params("train", base, m, p)
         metrics = run(p, m, base, data_dir, out_dir, curves_dir, ckpt_dir)
-        write_json(metrics_file, metrics)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:  # the state run() set up
+            write_json(metrics_file, metrics)
     log.info("trained: %s", metrics)
 
 
