@@ -109,7 +109,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     n_frozen = matmul_params(trainer.model)
     cfg = model.config.get_text_config()
     d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    lengths = [len(r["input_ids"]) for r in rows[: 16 * (steps + warmup)]]
+    bs = args.per_device_train_batch_size
+    lengths = [len(r["input_ids"]) for r in rows[: bs * (steps + warmup)]]
     s = sum(lengths) / len(lengths)
     seconds = trainer_seconds = timer.t1 - timer.t0
     real_tps = (timer.tok1 - timer.tok0) / seconds
@@ -122,7 +123,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "mfu": round(real_tps * flops_per_token / H100_BF16_FLOPS, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "mean_real_seq_len": round(s, 1),
-        "padding_share_if_padded": round(1 - s / (sum(max(lengths[i:i + 16]) for i in range(0, len(lengths), 16)) / len(range(0, len(lengths), 16))), 3),
+        "padding_share_if_padded": round(1 - s / (sum(max(lengths[i:i + bs]) for i in range(0, len(lengths), bs)) / len(range(0, len(lengths), bs))), 3),
+        "batch_size": bs,
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None,
         "train_loss": round(out.training_loss, 4),
         "n_frozen_matmul_params": n_frozen,
@@ -143,7 +145,10 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--llama1b/--no-llama1b", default=True, help="also a Llama-3.2-1B-shaped model with random weights")
 @click.option("--template", default="gemma3_base", show_default=True, help="chat template in stages/templates/")
-def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, llama1b: bool, template: str) -> None:
+@click.option("--variant", "variants", multiple=True,
+              help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, e.g. bs64={"batch_size": 64}')
+def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, llama1b: bool, template: str,
+         variants: tuple[str, ...]) -> None:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -173,7 +178,21 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, llama1
         ours = train.sft_config(recipe, seed=0, ckpt_dir=Path(f"/tmp/bench-{tag}-medtune"), eot=eot, cuda=cuda)
         ours.logging_steps = 1
         ours.completion_only_loss = True  # pre-tokenized rows carry a completion_mask, as in the baseline
-        return [("baseline: trl defaults", baseline), ("medtune", ours)]
+        runs = [("baseline: trl defaults", baseline, lora), ("medtune", ours, train.lora_config(recipe))]
+        for spec in variants:  # what-if runs: the recipe with some params or SFTConfig fields changed
+            name, changes = spec.split("=", 1)
+            changes = json.loads(changes)
+            fields = {f.name for f in dataclasses.fields(train.TrainParams)}
+            p = dataclasses.replace(recipe, **{k: v for k, v in changes.items() if k in fields})
+            cfg = train.sft_config(p, seed=0, ckpt_dir=Path(f"/tmp/bench-{tag}-{name}"), eot=eot, cuda=cuda)
+            cfg.logging_steps, cfg.completion_only_loss = 1, True
+            for k, v in changes.items():
+                if k not in fields:
+                    setattr(cfg, k, v)
+            if p.batch_size != 16:
+                cfg.max_steps = steps + warmup
+            runs.append((f"medtune {name}: {json.dumps(changes)}", cfg, train.lora_config(p)))
+        return runs
 
     from stages.modeling import device_name
 
@@ -181,8 +200,9 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, llama1
                "recipe": dataclasses.asdict(recipe), "runs": []}
     dev = "cuda" if cuda else "cpu"
     gemma = lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(dev)  # noqa: E731
-    for name, cfg in configs("gemma", end_of_turn(tok)):
-        r = run_one(name, gemma, tok, rows, cfg, lora if "baseline" in name else train.lora_config(recipe), steps, warmup)
+    rows = rows * 4  # enough rows for variants with larger batches
+    for name, cfg, peft_cfg in configs("gemma", end_of_turn(tok)):
+        r = run_one(name, gemma, tok, rows, cfg, peft_cfg, steps, warmup)
         results["runs"].append({"model": "gemma-3-270m (real weights)"} | r)
         click.echo(json.dumps(results["runs"][-1]), err=True)
     if llama1b:
@@ -193,8 +213,8 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, llama1
             torch.manual_seed(0)
             return LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16 if cuda else torch.float32).to(dev)
 
-        for name, cfg in configs("llama", end_of_turn(tok)):
-            r = run_one(name, llama, tok, llama_rows, cfg, lora if "baseline" in name else train.lora_config(recipe), steps, warmup)
+        for name, cfg, peft_cfg in configs("llama", end_of_turn(tok)):
+            r = run_one(name, llama, tok, llama_rows * 4, cfg, peft_cfg, steps, warmup)
             results["runs"].append({"model": "Llama-3.2-1B shape (random weights)"} | r)
             click.echo(json.dumps(results["runs"][-1]), err=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -58,6 +58,7 @@ class TrainParams:
     grad_accum: int  # effective batch = batch_size * grad_accum * devices
     gradient_checkpointing: bool  # saves activation memory, costs ~30% more compute
     padding_free: bool  # concatenate each batch into one row (no padding tokens); sequences stay separate
+    pad_to_multiple_of: int | None  # round padded lengths up: fewer distinct shapes for the GPU kernels; null: off
     neftune_noise_alpha: float | None  # NEFTune embedding noise; null: off
     eval_steps: int  # eval loss on val every N steps; 0: only at the end
     save_steps: int  # checkpoint every N steps for resume; 0: no checkpoints
@@ -135,6 +136,7 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         max_steps=p.max_steps,
         gradient_checkpointing=p.gradient_checkpointing,
         padding_free=p.padding_free,
+        pad_to_multiple_of=p.pad_to_multiple_of,
         neftune_noise_alpha=p.neftune_noise_alpha,
         eval_strategy="steps" if p.eval_steps else "no",
         eval_steps=p.eval_steps or None,
