@@ -114,6 +114,39 @@ def bootstrap_ci(values: np.ndarray, p: EvaluateParams, seed: int) -> list[float
     return [round(float(np.quantile(means, a)), 4), round(float(np.quantile(means, 1 - a)), 4)]
 
 
+def breakdown(rows: list[dict], scored: list[dict]) -> dict:
+    """Mean ROUGE-L and n per value of each metadata field the data has (MedQuAD: source, qtype)."""
+    out: dict = {}
+    for field in ("source", "qtype"):
+        groups: dict[str, list[float]] = {}
+        for r, s in zip(rows, scored):
+            if r.get(field) not in (None, ""):
+                groups.setdefault(str(r[field]), []).append(s["rougeL"])
+        if groups:
+            out[field] = {k: {"n": len(v), "rougeL": round(float(np.mean(v)), 4)} for k, v in sorted(groups.items())}
+    return out
+
+
+def examples_page(scored: list[dict], baseline: list[dict], n: int = 3) -> str:
+    """Markdown: the questions where tuning helped most and least (ROUGE-L delta), answers side by side."""
+    base_by_id = {b["id"]: b for b in baseline}
+    ranked = sorted(scored, key=lambda s: s["rougeL"] - base_by_id[s["id"]]["rougeL"], reverse=True)
+    parts = ["# Base vs tuned answers\n", "Greedy answers to test questions; ROUGE-L against the reference.\n"]
+    for title, rows in (("Largest gains", ranked[:n]), ("Largest losses", ranked[-n:][::-1])):
+        parts.append(f"## {title}\n")
+        for s in rows:
+            b = base_by_id[s["id"]]
+            parts.append(f"### {s['question']}\n\n`{s['id']}`, ROUGE-L base {b['rougeL']} -> tuned {s['rougeL']}\n\n"
+                         f"| reference | base | tuned |\n| --- | --- | --- |\n"
+                         f"| {cell(s['reference'])} | {cell(b['prediction'])} | {cell(s['prediction'])} |\n")
+    return "\n".join(parts)
+
+
+def cell(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text[:limit] + (" ..." if len(text) > limit else "")
+
+
 def score(rows: list[dict], preds: list[dict]) -> list[dict]:
     from rouge_score import rouge_scorer
 
@@ -173,19 +206,26 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
 
         if not (adapter / "adapter_model.safetensors").exists():
             raise MedtuneError(f"{adapter}: no adapter_model.safetensors (run the train stage)")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # merged in memory: faster generation
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()  # merged in memory: faster generation
+        except Exception as e:  # truncated or corrupted safetensors, an adapter for another base model
+            raise MedtuneError(f"{adapter}: could not load the adapter on {m.base} ({type(e).__name__}: {e})") from None
     model.eval()
     t0 = time.perf_counter()
     preds = generate(model, tok, [r["prompt"] for r in rows], p)
     gen_s = time.perf_counter() - t0
     scored = score(rows, preds)
     metrics = summarise(scored, p, base.seed)
-    if baseline is not None:
-        metrics |= paired_delta(scored, read_jsonl(baseline), p, base.seed)
+    base_scored = read_jsonl(baseline) if baseline is not None else None
+    if base_scored is not None:
+        metrics |= paired_delta(scored, base_scored, p, base.seed)
     metrics["generation_s"] = round(gen_s, 1)
     metrics["device"] = device()
     with atomic_dir(out_dir) as tmp:
         write_text_atomic(tmp / "predictions.jsonl", jsonl_text(scored))
+        write_json(tmp / "breakdown.json", breakdown(rows, scored))
+        if base_scored is not None:
+            write_text_atomic(tmp / "examples.md", examples_page(scored, base_scored))
     return metrics
 
 

@@ -127,6 +127,10 @@ def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained,
     assert preds.keys() == base_preds.keys()
     mean_delta = sum(preds[i]["rougeL"] - base_preds[i]["rougeL"] for i in preds) / len(preds)
     assert tuned["delta_rougeL"] == pytest.approx(mean_delta, abs=1e-3)
+    by = json.loads((tmp_path / "tuned" / "breakdown.json").read_text())
+    assert sum(v["n"] for v in by["source"].values()) == tuned["n"]
+    page = (tmp_path / "tuned" / "examples.md").read_text()
+    assert "## Largest gains" in page and "| reference | base | tuned |" in page
 
 
 def test_rouge_and_token_f1_score_real_text():
@@ -161,3 +165,27 @@ def test_padding_free_batches_give_the_same_loss_as_padded_ones(tmp_path, tiny_m
     free = train.run(train_params(tiny_model, batch_size=4, save_steps=0, padding_free=True), *args, tmp_path / "a2", tmp_path / "c2", tmp_path / "k2")
     assert free["train_loss"] == pytest.approx(padded["train_loss"], rel=1e-4)
     assert free["tokens_trained"] == padded["tokens_trained"]
+
+
+def test_loss_is_on_answer_tokens_only_and_the_end_of_turn_token_is_trained(tiny_model, formatted, tmp_path):
+    """Inspect the labels the trainer sees for a rendered example, the way train.run builds them."""
+    import datasets
+    from trl import SFTTrainer
+    from transformers import AutoModelForCausalLM
+
+    from stages.modeling import end_of_turn, load_tokenizer
+
+    m = model_params(tiny_model)
+    tok = load_tokenizer(tiny_model, m)
+    row = read_jsonl(formatted / "train.jsonl")[0]
+    p = train_params(tiny_model)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=train.sft_config(p, 0, tmp_path, end_of_turn(tok), False),
+                         train_dataset=datasets.Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]}]),
+                         processing_class=tok, peft_config=train.lora_config(p))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    n_prompt = len(tok(row["prompt"])["input_ids"])
+    assert ids == tok(row["prompt"] + row["completion"])["input_ids"]  # trl adds nothing: the completion ends with EOT
+    assert all(x == -100 for x in labels[:n_prompt])  # no loss on the question
+    assert labels[n_prompt:] == ids[n_prompt:]  # loss on every answer token ...
+    assert labels[-1] == tok.convert_tokens_to_ids(end_of_turn(tok)) == tok.convert_tokens_to_ids("<eos>")  # ... and on EOT

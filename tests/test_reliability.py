@@ -1,0 +1,119 @@
+"""Bad input and unsafe input fail fast with one line naming the file/key, and leave nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from stages import clean, evaluate, fetch, merge, train
+from stages.common import BaseParams, MedtuneError
+from stages.modeling import ModelParams, resolve_base
+from tests.conftest import ASSETS, tiny_params
+from tests.test_data_stages import BASE, clean_params, fetch_params
+from tests.test_model_stages import formatted, model_params, section, train_params  # noqa: F401 (fixture)
+
+
+def test_non_utf8_input_names_the_file(tmp_path):
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes('{"question": "Qu\'est-ce que la fi\xe8vre ?", "answer": "Une temp\xe9rature \xe9lev\xe9e du corps."}\n'.encode("latin-1"))
+    with pytest.raises(MedtuneError, match=r"latin1.jsonl: not UTF-8"):
+        fetch.run(fetch_params(src, id_column=None, columns={"question": "question", "answer": "answer"}), BASE, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_wrong_types_and_a_10_mb_answer_are_dropped_and_counted(tmp_path, tiny_rows):
+    rows = [{"id": str(i), "question": r["question"], "answer": r["answer"]} for i, r in enumerate(tiny_rows)]
+    rows += [{"id": "num", "question": "What is the number?", "answer": 42},
+             {"id": "huge", "question": "What is a very long answer?", "answer": "word " * 2_000_000}]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = clean.run(clean_params(), tmp_path / "raw", tmp_path / "clean")
+    assert summary["dropped"]["not_text"] == 1 and summary["dropped"]["long_answer"] == 1
+    assert summary["rows_in"] == summary["rows_out"] + sum(summary["dropped"].values())
+
+
+def test_missing_offline_base_model_says_how_to_provide_it():
+    m = ModelParams(base="nobody/no-such-model", revision="0123abc", chat_template="gemma3_base", trust_remote_code=False)
+    with pytest.raises(MedtuneError, match=r"not available.*hf download.*local folder"):
+        resolve_base(m)
+
+
+def test_hub_model_must_be_pinned(tmp_path, tiny_model, monkeypatch):
+    from stages.validate import check_all
+
+    p = tiny_params(tiny_model)
+    p["model"].update(base="google/gemma-3-270m", revision=None)
+    assert any("model.revision: pin the base model" in x for x in check_all(p))
+
+
+def test_pickle_weights_are_refused(tmp_path, tiny_model):
+    local = tmp_path / "pickled"
+    shutil.copytree(tiny_model, local)
+    (local / "model.safetensors").unlink()
+    torch.save({}, local / "pytorch_model.bin")
+    m = ModelParams(base=str(local), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    with pytest.raises(MedtuneError, match="only pickle .bin weights"):
+        resolve_base(m)
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, tiny_model, formatted) -> Path:  # noqa: F811
+    d = tmp_path_factory.mktemp("adapter")
+    train.run(train_params(tiny_model), model_params(tiny_model), BASE, formatted, d / "adapter", d / "curves", d / "ckpt")
+    return d / "adapter"
+
+
+def test_truncated_adapter_fails_merge_and_evaluate_with_a_clear_message(tmp_path, adapter, tiny_model, formatted):  # noqa: F811
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    data = (broken / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MedtuneError, match=r"adapter.*could not load the adapter"):
+        merge.run(section(merge.MergeParams, tiny_model, "merge"), model_params(tiny_model), broken, formatted, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(MedtuneError, match=r"could not load the adapter"):
+        evaluate.run(section(evaluate.EvaluateParams, tiny_model, "evaluate"), model_params(tiny_model), BASE, formatted,
+                     tmp_path / "eval", adapter=broken)
+
+
+def test_same_params_and_seed_give_the_same_adapter_on_cpu(tmp_path, adapter, tiny_model, formatted):  # noqa: F811
+    again = tmp_path / "again"
+    train.run(train_params(tiny_model), model_params(tiny_model), BASE, formatted, again, tmp_path / "c", tmp_path / "k")
+    a, b = load_file(adapter / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_secrets_never_reach_outputs(tmp_path, tiny_model, formatted, monkeypatch):  # noqa: F811
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    out = tmp_path / "adapter"
+    train.run(train_params(tiny_model), model_params(tiny_model), BASE, formatted, out, tmp_path / "curves", tmp_path / "k")
+    for f in [*out.rglob("*"), *(tmp_path / "curves").rglob("*")]:
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+
+
+def test_unwritable_output_is_a_one_line_error(tmp_path, tiny_model, monkeypatch):
+    if os.geteuid() == 0:  # root ignores permission bits; a file in the way of a folder fails for everyone
+        target = tmp_path / "blocked"
+        target.write_text("not a folder")
+        out = target / "raw"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        out = tmp_path / "ro" / "raw"
+    monkeypatch.chdir(tmp_path)
+    p = tiny_params(tiny_model)
+    p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    result = CliRunner().invoke(fetch.main, ["--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "blocked" in result.output or "ro" in result.output
