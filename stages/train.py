@@ -187,6 +187,13 @@ def curve_loggers(curves_dir: Path) -> list:
     return [DVCLiveCallback(live=Live(dir=str(curves_dir), dvcyaml=False, save_dvc_exp=False, report=None))]
 
 
+def complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The last checkpoint that was fully written. A kill during a save leaves a checkpoint folder without
+    trainer_state.json, which the Trainer writes last; resuming from it would fail."""
+    done = [c for c in ckpt_dir.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -244,7 +251,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     if main_process:
         last_checkpoint(ckpt_dir, fingerprint(p, m, base, data_file=data_dir / "train.jsonl"))
     state.wait_for_everyone()
-    resume = p.save_steps > 0 and any(ckpt_dir.glob("checkpoint-*"))
+    resume = complete_checkpoint(ckpt_dir) if p.save_steps > 0 else None
     args = sft_config(p, base.seed, ckpt_dir, end_of_turn(tok), cuda)
     trainer = SFTTrainer(
         model=model,
@@ -259,7 +266,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=bool(resume) or None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - t0
     eval_loss = trainer.evaluate()["eval_loss"]
     history = trainer.state.log_history

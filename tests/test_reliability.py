@@ -117,3 +117,32 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, tiny_model, monkeypatch
     result = CliRunner().invoke(fetch.main, ["--out", str(out)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "blocked" in result.output or "ro" in result.output
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_train_stage_resumes_and_ends_with_the_same_steps(tmp_path, tiny_model, formatted, sig):  # noqa: F811
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = tiny_params(tiny_model)
+    p["train"].update(target_modules=["q_proj", "v_proj"], max_steps=200, save_steps=5, logging_steps=50)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    cmd = [sys.executable, "-m", "stages.train", "--data", str(formatted), "--out", "adapter", "--metrics", "train.json",
+           "--curves", "curves", "--checkpoints", "ckpt"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "ckpt" / "checkpoint-10").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "train.json").exists()  # nothing half-written
+    assert any((tmp_path / "ckpt").glob("checkpoint-*"))
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["resumed"] and metrics["steps"] == 200
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
