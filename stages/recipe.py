@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import click
-import yaml
 
 from stages.common import MedtuneError, cli_errors, read_params_file
 from stages.validate import check_all

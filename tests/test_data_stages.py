@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from click.testing import CliRunner
 
 from stages import clean, fetch, format as format_stage, split
 from stages.common import BaseParams, MedtuneError, read_jsonl
-from tests.conftest import ASSETS, REPO, tiny_params
+from tests.conftest import ASSETS, tiny_params
 
 BASE = BaseParams(seed=7)
 COLUMNS = {"question": "question", "answer": "answer", "focus": "focus", "source": "source"}

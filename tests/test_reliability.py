@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from stages import clean, evaluate, fetch, merge, train
-from stages.common import BaseParams, MedtuneError
+from stages.common import MedtuneError
 from stages.modeling import ModelParams, resolve_base
 from tests.conftest import ASSETS, tiny_params
 from tests.test_data_stages import BASE, clean_params, fetch_params
