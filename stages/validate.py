@@ -13,12 +13,13 @@ from stages.common import BaseParams, cli_errors, parse_section, read_params_fil
 
 
 def sections() -> dict:
-    from stages import clean, evaluate, fetch, format, merge, split, train
+    from stages import card, chat, clean, evaluate, fetch, format, merge, serve, split, train, ui
     from stages.modeling import ModelParams
 
     return {"base": BaseParams, "model": ModelParams, "fetch": fetch.FetchParams, "clean": clean.CleanParams,
             "split": split.SplitParams, "format": format.FormatParams, "train": train.TrainParams,
-            "evaluate": evaluate.EvaluateParams, "merge": merge.MergeParams}
+            "evaluate": evaluate.EvaluateParams, "merge": merge.MergeParams, "card": card.CardParams,
+            "chat": chat.ChatParams, "serve": serve.ServeParams, "ui": ui.UIParams}
 
 
 def check_all(data: dict) -> list[str]:

