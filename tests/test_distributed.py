@@ -28,7 +28,7 @@ def test_train_under_accelerate_launch_with_two_cpu_processes_saves_one_adapter(
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu2.yaml"),
            "-m", "stages.train", "--data", "fmt", "--out", "adapter", "--metrics", "train.json",
-           "--curves", "curves", "--checkpoints", "ckpt"]
+           "--curves", "curves", "--checkpoints", "ckpt", "--lineage", "lineage.json"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr

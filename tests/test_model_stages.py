@@ -188,3 +188,101 @@ def test_loss_is_on_answer_tokens_only_and_the_end_of_turn_token_is_trained(tiny
     assert all(x == -100 for x in labels[:n_prompt])  # no loss on the question
     assert labels[n_prompt:] == ids[n_prompt:]  # loss on every answer token ...
     assert labels[-1] == tok.convert_tokens_to_ids(end_of_turn(tok)) == tok.convert_tokens_to_ids("<eos>")  # ... and on EOT
+
+
+def test_evaluate_reports_test_loss_medical_answer_checks_and_skips_bertscore_without_a_scorer(tmp_path, trained, tiny_model, formatted):
+    d, _ = trained
+    p = section(evaluate.EvaluateParams, tiny_model, "evaluate", bertscore_model="/no/such/scorer")
+    first = read_jsonl(formatted / "test.jsonl")[0]["reference"]
+    m = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "base", disclaimer=first[:40])
+    assert m["test_loss"] > 0 and m["test_perplexity"] == pytest.approx(math.exp(m["test_loss"]), rel=1e-3)
+    assert m["test_loss_tokens"] > 0
+    assert m["bertscore_note"].startswith("skipped") and "bertscore_f1" not in m  # never fails the stage
+    for k in ("disclaimer_rate", "referral_rate", "runaway_rate", "empty_rate", "repetition_rate"):
+        assert 0 <= m[k] <= 1
+    assert m["length_ratio"] == pytest.approx(m["answer_words_mean"] / m["reference_words_mean"], rel=1e-2)
+
+
+def test_evaluate_computes_bertscore_with_an_offline_scorer(tmp_path, tiny_model, formatted):
+    p = section(evaluate.EvaluateParams, tiny_model, "evaluate", bertscore_model=str(tiny_model))
+    m = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "base")
+    lo, hi = m["bertscore_f1_ci"]
+    assert "bertscore_note" not in m and -1 <= lo <= m["bertscore_f1"] <= hi <= 1
+    assert all("bertscore_f1" in r for r in read_jsonl(tmp_path / "base" / "predictions.jsonl"))
+
+
+def test_multiple_choice_accuracy_parses_the_chosen_option_and_counts_unparseable_as_wrong(tmp_path, tiny_model, formatted):
+    options = {"A": "fever", "B": "headache", "C": "rash", "D": "cough"}
+    assert evaluate.parse_choice("Answer: B. headache", options) == "B"
+    assert evaluate.parse_choice("(C) rash, because ...", options) == "C"
+    assert evaluate.parse_choice("It is most likely a cough.", options) == "D"
+    assert evaluate.parse_choice("a fever or a rash", options) is None  # two options named: unparseable
+    data = tmp_path / "mcq"
+    data.mkdir()
+    rows = read_jsonl(formatted / "test.jsonl")
+    (data / "test.jsonl").write_text("".join(json.dumps(r | {"options": options, "correct": "B"}) + "\n" for r in rows))
+    p = section(evaluate.EvaluateParams, tiny_model, "evaluate")
+    m = evaluate.run(p, model_params(tiny_model), BASE, data, tmp_path / "out")
+    preds = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert m["mcq_n"] == len(preds) == 4
+    assert m["mcq_accuracy"] == pytest.approx(sum(r["choice"] == "B" for r in preds) / 4)
+    assert m["mcq_unparseable_rate"] == pytest.approx(sum(r["choice"] is None for r in preds) / 4)
+
+
+def test_merge_shards_large_weights_and_the_sharded_model_loads(tmp_path, trained, tiny_model, formatted):
+    from transformers import AutoModelForCausalLM
+
+    d, _ = trained
+    p = section(merge.MergeParams, tiny_model, "merge", max_shard_size="20KB")
+    metrics = merge.run(p, model_params(tiny_model), d / "adapter", formatted, tmp_path / "merged")
+    assert metrics["passed"] and metrics["weight_files"] > 1
+    assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").num_parameters() > 0
+
+
+def test_packing_trains_on_the_same_tokens_as_padded_batches(tmp_path, tiny_model, formatted):
+    args = (model_params(tiny_model), BASE, formatted)
+    padded = train.run(train_params(tiny_model, save_steps=0), *args, tmp_path / "a1", tmp_path / "c1", tmp_path / "k1")
+    packed = train.run(train_params(tiny_model, save_steps=0, packing=True, max_length=128), *args, tmp_path / "a2", tmp_path / "c2", tmp_path / "k2")
+    assert math.isfinite(packed["train_loss"]) and packed["steps"] == 4
+    # packed rows hold several examples each, so 4 steps see more real tokens than 4 padded batches of 2
+    assert packed["tokens_trained"] > padded["tokens_trained"]
+
+
+def test_best_checkpoint_selection_keeps_the_lowest_eval_loss(tmp_path, tiny_model, formatted):
+    p = train_params(tiny_model, max_steps=6, eval_steps=2, save_steps=2, load_best_model=True, learning_rate=0.05)
+    m = train.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "a", tmp_path / "c", tmp_path / "k")
+    assert m["eval_loss"] == pytest.approx(m["best_eval_loss"], abs=1e-3)
+    assert m["best_eval_step"] in (2, 4, 6)
+
+
+def test_auto_find_batch_size_trains_and_reports_the_batch_used(tmp_path, tiny_model, formatted):
+    m = train.run(train_params(tiny_model, auto_find_batch_size=True, save_steps=0), model_params(tiny_model), BASE, formatted,
+                  tmp_path / "a", tmp_path / "c", tmp_path / "k")
+    assert m["batch_size"] == 2 and m["steps"] == 4  # no out-of-memory on CPU: the batch stays as asked
+
+
+def test_train_params_reject_best_model_without_periodic_evaluation(tiny_model):
+    p = train_params(tiny_model, load_best_model=True, eval_steps=0)
+    assert any("load_best_model" in x for x in p.problems())
+
+
+def test_train_stops_before_loading_the_model_when_an_example_exceeds_max_length(tmp_path, tiny_model, formatted):
+    from stages.common import MedtuneError
+
+    with pytest.raises(MedtuneError, match=r"train\.jsonl line \d+ .*train\.max_length=16"):
+        train.run(train_params(tiny_model, max_length=16), model_params(tiny_model), BASE, formatted, tmp_path / "a", tmp_path / "c", tmp_path / "k")
+    assert not (tmp_path / "a").exists()
+
+
+def test_train_refuses_answers_that_do_not_end_with_a_stop_token(tmp_path, tiny_model, formatted):
+    """A template mistake (answers without the end-of-turn token) would train a model that never stops."""
+    from stages.common import MedtuneError
+
+    bad = tmp_path / "fmt"
+    bad.mkdir()
+    for split in ("train", "val"):
+        rows = read_jsonl(formatted / f"{split}.jsonl")
+        (bad / f"{split}.jsonl").write_text("".join(json.dumps(r | {"completion": r["completion"].replace("<eos>", "")}) + "\n" for r in rows))
+    with pytest.raises(MedtuneError, match="never learn to stop"):
+        train.run(train_params(tiny_model), model_params(tiny_model), BASE, bad, tmp_path / "a", tmp_path / "c", tmp_path / "k")

@@ -130,7 +130,7 @@ def test_killed_train_stage_resumes_and_ends_with_the_same_steps(tmp_path, tiny_
     p["train"].update(target_modules=["q_proj", "v_proj"], max_steps=200, save_steps=5, logging_steps=50)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     cmd = [sys.executable, "-m", "stages.train", "--data", str(formatted), "--out", "adapter", "--metrics", "train.json",
-           "--curves", "curves", "--checkpoints", "ckpt"]
+           "--curves", "curves", "--checkpoints", "ckpt", "--lineage", "lineage.json"]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
