@@ -1,0 +1,212 @@
+"""CI gate on pulled artifacts, without retraining: after `git clone` + `dvc pull`, check that
+
+1. `dvc status` is clean: every pulled output, metric and dependency matches dvc.lock;
+2. the metrics meet the thresholds in params.yaml `check:` (tuned - base delta and its CI, test size,
+   runaway and empty answers, merge check passed), and the two evaluations agree with each other;
+3. the lineage matches: the base model and chat template the adapter was trained with are the ones the
+   params name now (metrics/lineage.json);
+4. the adapter loads on its base model and answers the first test questions.
+
+Every failure is listed at once in one line naming the file and the metric or output; exit 1.
+Not a DVC stage. Run from the repository root:  python -m stages.check
+Reads params `model`, `check`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import click
+
+from stages.common import MedtuneError, cli_errors, load_params, log_params, read_jsonl, setup_logging
+from stages.modeling import ModelParams, load_model, load_tokenizer, resolve_base, stop_token_ids
+
+log = logging.getLogger("medtune.check")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckParams:
+    metric: Literal["rouge1", "rouge2", "rougeL", "token_f1"]  # the score the thresholds apply to
+    min_delta: float  # tuned - base, paired mean over the test questions
+    require_ci_above_zero: bool  # the delta's CI lower bound must be > 0
+    min_test_questions: int
+    max_runaway_rate: float
+    max_empty_rate: float
+    require_merge_passed: bool
+    questions: int  # test prompts the adapter must answer
+    max_new_tokens: int
+
+    def problems(self) -> list[str]:
+        out = []
+        if not (0 <= self.max_runaway_rate <= 1 and 0 <= self.max_empty_rate <= 1):
+            out.append("max_runaway_rate/max_empty_rate: must be in [0, 1]")
+        if self.questions < 1 or self.max_new_tokens < 1 or self.min_test_questions < 1:
+            out.append("questions/max_new_tokens/min_test_questions: must be >= 1")
+        return out
+
+
+def status_problems(repo: Path) -> list[str]:
+    """`dvc status` as one problem per changed path: 'models/adapter modified (output of stage train)'."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        status = r.status()
+    problems = []
+    for stage, changes in sorted(status.items()):
+        for change in changes:
+            if isinstance(change, str):  # e.g. "always changed"
+                problems.append(f"dvc status: stage {stage}: {change}")
+                continue
+            for kind, paths in change.items():
+                what = {"changed outs": "output", "changed deps": "dependency", "changed params": "params"}.get(kind, kind)
+                if isinstance(paths, dict):
+                    for path, how in sorted(paths.items()):
+                        detail = how if isinstance(how, str) else json.dumps(how)
+                        problems.append(f"dvc status: {path} {detail} ({what} of stage {stage}; does not match dvc.lock)")
+                else:
+                    problems.append(f"dvc status: stage {stage}: {kind} {paths}")
+    return problems
+
+
+def read_metrics(path: Path, problems: list[str]) -> dict | None:
+    if not path.exists():
+        problems.append(f"{path}: not found (run `dvc pull`)")
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problems.append(f"{path}: not valid JSON ({e})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a JSON object")
+        return None
+    return data
+
+
+def metric_problems(p: CheckParams, eval_base: Path, eval_tuned: Path, merge: Path) -> tuple[list[str], dict]:
+    problems: list[str] = []
+    base, tuned, merged = (read_metrics(f, problems) for f in (eval_base, eval_tuned, merge))
+    m, d = p.metric, f"delta_{p.metric}"
+
+    def get(data: dict, path: Path, key: str, kind: type | tuple = (int, float)):
+        value = data.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind != bool:
+            problems.append(f"{path}: {key}: missing or not a {getattr(kind, '__name__', 'number')} (got {value!r})")
+            return None
+        return value
+
+    summary: dict = {}
+    if tuned is not None:
+        delta, ci, n = get(tuned, eval_tuned, d), get(tuned, eval_tuned, f"{d}_ci", list), get(tuned, eval_tuned, "n", int)
+        runaway, empty = get(tuned, eval_tuned, "runaway_rate"), get(tuned, eval_tuned, "empty_rate")
+        summary |= {d: delta, f"{d}_ci": ci, "n": n}
+        if delta is not None and delta < p.min_delta:
+            problems.append(f"{eval_tuned}: {d} {delta:+.4f} is below check.min_delta {p.min_delta:+.4f}")
+        if ci is not None and p.require_ci_above_zero and not (len(ci) == 2 and ci[0] > 0):
+            problems.append(f"{eval_tuned}: {d}_ci {ci} does not lie above 0 (within noise; check.require_ci_above_zero)")
+        if n is not None and n < p.min_test_questions:
+            problems.append(f"{eval_tuned}: n {n} test questions is below check.min_test_questions {p.min_test_questions}")
+        if runaway is not None and runaway > p.max_runaway_rate:
+            problems.append(f"{eval_tuned}: runaway_rate {runaway} is above check.max_runaway_rate {p.max_runaway_rate}")
+        if empty is not None and empty > p.max_empty_rate:
+            problems.append(f"{eval_tuned}: empty_rate {empty} is above check.max_empty_rate {p.max_empty_rate}")
+        if base is not None and None not in (delta, n):
+            # the paired delta is the difference of the two means over the same questions (each rounded to 1e-4)
+            b, t, nb = get(base, eval_base, m), get(tuned, eval_tuned, m), get(base, eval_base, "n", int)
+            if None not in (b, t) and abs((t - b) - delta) > 2.5e-4:
+                problems.append(f"{eval_tuned}: {m} {t} - {eval_base}: {m} {b} = {t - b:+.4f} disagrees with {d} {delta:+.4f}")
+            if nb is not None and nb != n:
+                problems.append(f"{eval_tuned}: n {n} differs from {eval_base}: n {nb} (not the same test questions)")
+    if merged is not None and p.require_merge_passed and merged.get("passed") is not True:
+        problems.append(f"{merge}: passed is {merged.get('passed')!r}, not true (check.require_merge_passed)")
+    return problems, summary
+
+
+def lineage_problems(m: ModelParams, identity: dict, tok, lineage_file: Path) -> list[str]:
+    """The base model and rendered chat template recorded at training time must be the ones used now."""
+    from stages.train import lineage
+
+    recorded = read_metrics(lineage_file, problems := [])
+    if recorded is None:
+        return problems
+    now = lineage(m, identity, tok)
+    for key in ("base", "revision", "weights_sha256", "chat_template_sha256"):
+        if recorded.get(key) != now.get(key):
+            problems.append(f"{lineage_file}: {key} {recorded.get(key)!r} was trained with; params and base model give {now.get(key)!r}")
+    return problems
+
+
+def answer_problems(p: CheckParams, m: ModelParams, base_path: Path, tok, adapter: Path, data_dir: Path) -> tuple[list[str], list[str]]:
+    """Load base + adapter and answer the first `p.questions` test prompts greedily; every answer must be non-empty."""
+    import torch
+    from peft import PeftModel
+
+    if not (adapter / "adapter_model.safetensors").exists():
+        return [f"{adapter}/adapter_model.safetensors: not found (run `dvc pull`)"], []
+    test = data_dir / "test.jsonl"
+    try:
+        rows = sorted(read_jsonl(test), key=lambda r: str(r["id"]))[: p.questions]
+    except MedtuneError as e:
+        return [f"{e} (run `dvc pull`)"], []
+    if not rows:
+        return [f"{test}: no test questions to answer"], []
+    try:
+        model = PeftModel.from_pretrained(load_model(base_path, m), adapter).eval()
+    except Exception as e:  # a truncated or tampered safetensors file, an adapter for another base model
+        return [f"{adapter}: could not load the adapter on {m.base} ({type(e).__name__}: {e})"], []
+    problems, answers = [], []
+    tok.padding_side = "left"
+    enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True).to(model.device)
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=p.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=stop_token_ids(tok, model))
+    for r, ids in zip(rows, gen[:, enc["input_ids"].shape[1]:]):
+        answer = tok.decode(ids, skip_special_tokens=True).strip()
+        answers.append(answer)
+        log.info("Q %s: %s\nA: %s", r["id"], r["question"], answer)
+        if not answer:
+            problems.append(f"{adapter}: empty answer to test question {r['id']} ({test})")
+    return problems, answers
+
+
+def run(p: CheckParams, m: ModelParams, repo: Path, adapter: Path, data_dir: Path, eval_base: Path, eval_tuned: Path,
+        merge: Path, lineage_file: Path) -> dict:
+    problems = status_problems(repo)
+    found, summary = metric_problems(p, eval_base, eval_tuned, merge)
+    problems += found
+    base_path, identity = resolve_base(m)
+    tok = load_tokenizer(base_path, m)
+    problems += lineage_problems(m, identity, tok, lineage_file)
+    found, answers = answer_problems(p, m, base_path, tok, adapter, data_dir)
+    problems += found
+    if problems:
+        raise MedtuneError(f"check failed ({len(problems)}): " + "; ".join(problems))
+    return summary | {"answers": answers}
+
+
+@click.command()
+@click.option("--adapter", default="models/adapter", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_dir", default="data/formatted", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--eval-base", default="metrics/eval_base.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--eval-tuned", default="metrics/eval_tuned.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--merge", default="metrics/merge.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--lineage", "lineage_file", default="metrics/lineage.json", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path))
+def main(adapter: Path, data_dir: Path, eval_base: Path, eval_tuned: Path, merge: Path, lineage_file: Path) -> None:
+    """The paths default to the outputs named in dvc.yaml."""
+    setup_logging()
+    with cli_errors():
+        m, p = load_params(("model", ModelParams), ("check", CheckParams))
+        log_params("check", p)
+        s = run(p, m, Path("."), adapter, data_dir, eval_base, eval_tuned, merge, lineage_file)
+    d = f"delta_{p.metric}"
+    click.echo(f"check passed: dvc status clean; {d} {s[d]:+.4f} {s[f'{d}_ci']} (n={s['n']}); "
+               f"adapter answered {len(s['answers'])} test question(s)")
+
+
+if __name__ == "__main__":
+    main()

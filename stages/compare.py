@@ -1,0 +1,270 @@
+"""Compare fine-tunes across base models and settings from `dvc exp show --json`: for each run, the base
+model's score, the tuned model's score and the paired tuned - base delta, each with its bootstrap CI, a flag
+where the delta is within noise, the best run per base model, training speed and memory. Runs that differ
+only in `base.seed` are one row, reported as mean ± std over the seeds.
+
+Not a DVC stage: it reads the experiments DVC recorded. Run as:
+    python -m stages.compare --out reports/compare      # runs `dvc exp show --json --param-deps` itself
+    dvc exp show --json --param-deps -A > exps.json && python -m stages.compare --exps exps.json --out reports/compare
+(--param-deps: only the params some stage depends on, so `check:` and the like are not compared.)
+Reads params `compare`. Writes compare.md, compare.csv and deltas.png (the deltas with their CIs) to --out.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import click
+import numpy as np
+
+from stages.common import MedtuneError, atomic_dir, cli_errors, load_params, log_params, setup_logging, write_text_atomic
+
+log = logging.getLogger("medtune.compare")
+GROUP_KEYS = ("model.base", "model.revision")  # one base model = one group; the table's first columns
+SEED_KEY = "base.seed"
+COLUMNS = ["base_model", "revision", "run", "changed_params", "seeds", "n_test", "base", "base_ci_low", "base_ci_high",
+           "base_std", "tuned", "tuned_ci_low", "tuned_ci_high", "tuned_std", "delta", "delta_ci_low", "delta_ci_high",
+           "delta_std", "within_noise", "best", "tied_with_best", "tokens_per_s", "peak_memory_mb"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareParams:
+    metric: Literal["rouge1", "rouge2", "rougeL", "token_f1"]  # the score compared and used to pick the best run
+    seed_noise_sigmas: float  # with several seeds, a delta within this many seed std devs of 0 is noise
+
+    def problems(self) -> list[str]:
+        return ["seed_noise_sigmas: must be positive"] if self.seed_noise_sigmas <= 0 else []
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def runs_from_show(shown, source: str, files: dict[str, str]) -> tuple[list[dict], dict[str, int]]:
+    """One dict per finished run (baseline commits and their experiments) with its flattened params and
+    the metrics files named in `files`; returns (runs, skipped counts by reason)."""
+    if not isinstance(shown, list):
+        raise MedtuneError(f"{source}: expected the list that `dvc exp show --json` prints")
+    entries = []
+    for commit in shown:
+        if not isinstance(commit, dict) or "rev" not in commit:
+            raise MedtuneError(f"{source}: an entry without 'rev': not `dvc exp show --json` output")
+        entries.append((commit["rev"], commit.get("name"), commit))
+        for group in commit.get("experiments") or []:
+            for exp in group.get("revs") or []:
+                entries.append((exp.get("rev", "?"), exp.get("name") or group.get("name"), exp))
+    runs, skipped = [], {}
+    for rev, name, entry in entries:
+        name = "workspace" if rev == "workspace" else name or rev[:7]
+        data = entry.get("data") or {}
+        metrics = {path: ((data.get("metrics") or {}).get(path) or {}).get("data") for path in files.values()}
+        missing = [p for p, m in metrics.items() if not m]
+        if entry.get("error") or missing:
+            reason = "failed" if entry.get("error") else f"no {missing[0]}"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+        if not params:
+            raise MedtuneError(f"{source}: run {name}: no params.yaml params recorded")
+        runs.append({"name": name, "rev": rev, "params": flatten(params),
+                     **{key: full_metrics(rev, path, name) for key, path in files.items()}})
+    same = lambda a, b: a["params"] == b["params"] and a["eval_tuned"] == b["eval_tuned"]  # noqa: E731
+    # the workspace usually repeats HEAD's run: keep it only when it differs from every commit and experiment
+    runs = [r for r in runs if r["rev"] != "workspace" or not any(same(r, o) for o in runs if o["rev"] != "workspace")]
+    return runs, skipped
+
+
+def full_metrics(rev: str, path: str, name: str) -> dict:
+    """The whole metrics file of a run. `dvc exp show --json` drops list values such as the CIs, so read the
+    file itself: from the workspace, or from the run's git commit (DVC commits uncached metrics with the run)."""
+    if rev == "workspace":
+        text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else None
+    else:
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        text = proc.stdout if proc.returncode == 0 else None
+    if text is None:
+        raise MedtuneError(f"run {name} ({rev[:7]}): cannot read {path} (compare in the repository the experiments ran in)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MedtuneError(f"{path} of run {name} ({rev[:7]}):{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def metric_value(run: dict, file_key: str, key: str, source: str):
+    if key not in run[file_key]:
+        raise MedtuneError(f"{source}: run {run['name']}: {file_key} has no {key!r}")
+    return run[file_key][key]
+
+
+def summarise_group(runs: list[dict], p: CompareParams, source: str) -> dict:
+    """One configuration, one or several seeds: values (and CIs for one seed, std for several)."""
+    m = p.metric
+    out: dict = {"seeds": [r["params"].get(SEED_KEY) for r in runs], "run": ", ".join(r["name"] for r in runs)}
+    for col, file_key, key in (("base", "eval_base", m), ("tuned", "eval_tuned", m), ("delta", "eval_tuned", f"delta_{m}")):
+        vals = np.array([metric_value(r, file_key, key, source) for r in runs], dtype=float)
+        cis = [metric_value(r, file_key, f"{key}_ci", source) for r in runs]
+        out[col] = round(float(vals.mean()), 4)
+        out[f"{col}_std"] = round(float(vals.std(ddof=1)), 4) if len(runs) > 1 else None
+        out[f"{col}_ci_low"], out[f"{col}_ci_high"] = cis[0] if len(runs) == 1 else (None, None)
+        out[f"_{col}_cis"] = cis
+    ci_spans_zero = any(lo <= 0 <= hi for lo, hi in out["_delta_cis"])
+    seed_noise = len(runs) > 1 and abs(out["delta"]) <= p.seed_noise_sigmas * out["delta_std"]
+    out["within_noise"] = ci_spans_zero or seed_noise
+    out["n_test"] = int(metric_value(runs[0], "eval_tuned", "n", source))
+    out["tokens_per_s"] = round(float(np.mean([metric_value(r, "train", "tokens_per_s", source) for r in runs])), 1)
+    out["peak_memory_mb"] = round(float(np.mean([metric_value(r, "train", "peak_memory_mb", source) for r in runs])), 1)
+    return out
+
+
+def interval(row: dict, col: str, sigmas: float) -> tuple[float, float]:
+    """The row's uncertainty interval for `col`: its CI (one seed) or mean ± sigmas·std (several)."""
+    if row[f"{col}_std"] is None:
+        return row[f"{col}_ci_low"], row[f"{col}_ci_high"]
+    return row[col] - sigmas * row[f"{col}_std"], row[col] + sigmas * row[f"{col}_std"]
+
+
+def compare(runs: list[dict], p: CompareParams, source: str) -> list[dict]:
+    if not runs:
+        raise MedtuneError(f"{source}: no finished run with evaluation metrics (run `dvc exp run` or `dvc repro` first)")
+    keys = sorted({k for r in runs for k in r["params"]})
+    changed = [k for k in keys if k not in (*GROUP_KEYS, SEED_KEY) and len({json.dumps(r["params"].get(k)) for r in runs}) > 1]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:  # same params except the seed = the same configuration
+        key = tuple(json.dumps(r["params"].get(k)) for k in keys if k != SEED_KEY)
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for members in groups.values():
+        first = members[0]["params"]
+        row = {"base_model": first.get("model.base"), "revision": first.get("model.revision"),
+               "changed_params": " ".join(f"{k}={first.get(k)}" for k in changed)}
+        rows.append(row | summarise_group(members, p, source))
+    for model in {(r["base_model"], r["revision"]) for r in rows}:
+        same = [r for r in rows if (r["base_model"], r["revision"]) == model]
+        best = max(same, key=lambda r: r["tuned"])
+        best_lo, best_hi = interval(best, "tuned", p.seed_noise_sigmas)
+        for r in same:
+            lo, hi = interval(r, "tuned", p.seed_noise_sigmas)
+            r["best"] = r is best
+            r["tied_with_best"] = r is not best and lo <= best_hi and best_lo <= hi
+    rows.sort(key=lambda r: (str(r["base_model"]), str(r["revision"]), -r["tuned"]))
+    return rows
+
+
+def fmt(row: dict, col: str, signed: bool = False) -> str:
+    f = "{:+.4f}" if signed else "{:.4f}"
+    if row[f"{col}_std"] is not None:
+        return f"{f.format(row[col])} ± {row[f'{col}_std']:.4f}"
+    return f"{f.format(row[col])} [{f.format(row[f'{col}_ci_low'])}, {f.format(row[f'{col}_ci_high'])}]"
+
+
+def markdown(rows: list[dict], p: CompareParams) -> str:
+    lines = [
+        f"# Fine-tunes compared by {p.metric}\n",
+        f"{p.metric} F1 of the base model and the tuned model (base + LoRA adapter) on the same test questions, "
+        "with the bootstrap confidence interval of each run, and the paired delta (tuned - base). Runs that differ "
+        f"only in the seed are one row: mean ± std over the seeds. *Within noise*: the delta's CI includes 0 (for "
+        f"any seed), or with several seeds |mean delta| <= {p.seed_noise_sigmas:g} std. ★ is the best tuned "
+        "score per base model; *tied* marks a run whose interval overlaps the best one's.\n",
+        "| base model | revision | run | changed params | seeds | n | base | tuned | delta | within noise | tok/s | peak MB |",
+        "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        name = r["run"] + (" ★" if r["best"] else " (tied)" if r["tied_with_best"] else "")
+        cells = [f"`{r['base_model']}`", str(r["revision"]), name, r["changed_params"] or "-",
+                 ", ".join(map(str, r["seeds"])), str(r["n_test"]), fmt(r, "base"), fmt(r, "tuned"),
+                 fmt(r, "delta", signed=True), "yes" if r["within_noise"] else "no", f"{r['tokens_per_s']:,.1f}",
+                 f"{r['peak_memory_mb']:,.0f}"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r | {"seeds": " ".join(map(str, r["seeds"]))})
+    return buf.getvalue()
+
+
+def plot(rows: list[dict], p: CompareParams, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['base_model']} · {r['run']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    for y, r in enumerate(rows):
+        lo, hi = interval(r, "delta", 1.0)
+        color = "tab:gray" if r["within_noise"] else "tab:blue"
+        ax.errorbar(r["delta"], y, xerr=[[r["delta"] - lo], [hi - r["delta"]]], fmt="o", color=color, capsize=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{p.metric}: tuned - base (bars: CI, or ± 1 std over seeds; gray: within noise)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def run(p: CompareParams, shown, source: str, files: dict[str, str], out_dir: Path) -> dict:
+    runs, skipped = runs_from_show(shown, source, files)
+    rows = compare(runs, p, source)
+    with atomic_dir(out_dir) as tmp:
+        write_text_atomic(tmp / "compare.md", markdown(rows, p))
+        write_text_atomic(tmp / "compare.csv", csv_text(rows))
+        plot(rows, p, tmp / "deltas.png")
+    return {"runs": len(runs), "rows": len(rows), "skipped": skipped,
+            "best": {f"{r['base_model']}": r["run"] for r in rows if r["best"]}}
+
+
+def exp_show_json() -> list:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "--param-deps"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MedtuneError(f"`dvc exp show --json --param-deps` failed: {last}")
+    return json.loads(proc.stdout)
+
+
+@click.command()
+@click.option("--exps", "exps_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="saved `dvc exp show --json --param-deps` output; default: run it in the current repository")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--eval-base", default="metrics/eval_base.json", show_default=True, help="metrics file as named in dvc.yaml")
+@click.option("--eval-tuned", default="metrics/eval_tuned.json", show_default=True, help="metrics file as named in dvc.yaml")
+@click.option("--train", "train_metrics", default="metrics/train.json", show_default=True, help="metrics file as named in dvc.yaml")
+def main(exps_file: Path | None, out_dir: Path, eval_base: str, eval_tuned: str, train_metrics: str) -> None:
+    setup_logging()
+    with cli_errors():
+        (p,) = load_params(("compare", CompareParams))
+        log_params("compare", p)
+        if exps_file is None:
+            source, shown = "dvc exp show --json --param-deps", exp_show_json()
+        else:
+            source = str(exps_file)
+            try:
+                shown = json.loads(exps_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise MedtuneError(f"{exps_file}:{e.lineno}: malformed JSON ({e.msg})") from None
+        summary = run(p, shown, source, {"eval_base": eval_base, "eval_tuned": eval_tuned, "train": train_metrics}, out_dir)
+    log.info("compared %d runs in %d rows (skipped: %s); best: %s; wrote %s", summary["runs"], summary["rows"],
+             summary["skipped"] or "none", summary["best"], out_dir)
+
+
+if __name__ == "__main__":
+    main()
