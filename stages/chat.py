@@ -163,8 +163,9 @@ def load_base(m: ModelParams, fmt: FormatParams) -> ChatModel:
 
 
 def prompt_for(cm: ChatModel, question: str) -> str:
-    """The training prompt for one question: the format stage's renderer, up to where the answer starts."""
-    return render(cm.tok, cm.fmt.system_prompt, question, "")[0]
+    """The training prompt for one question: the format stage's renderer (its template, system prompt and
+    chat template), up to where the answer starts."""
+    return render(cm.tok, cm.fmt, {"id": "question", "question": question})[0]
 
 
 class Answer:
