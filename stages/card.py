@@ -30,7 +30,7 @@ DISCLAIMER = ("Not medical advice. This model is a research artifact fine-tuned 
               "answers can be wrong, outdated or incomplete. Do not use it to diagnose, treat or make decisions about "
               "anyone's health: consult a qualified clinician.")
 METRICS = (("rougeL", "ROUGE-L F1"), ("rouge1", "ROUGE-1 F1"), ("rouge2", "ROUGE-2 F1"), ("token_f1", "token F1"))
-DATA_FIELDS = ("Source", "Citation", "License", "Changes made")  # bullets read from the data card; Source, License required
+DATA_FIELDS = ("Source", "Citation", "License", "Changes made", "Known issues")  # bullets read from the data card; Source, License required
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,12 @@ def eval_table(inp: CardInputs) -> tuple[str, dict, dict]:
     return "\n".join(lines), base, tuned
 
 
+def check_card_inputs(inp: CardInputs) -> None:
+    """Fail early, before expensive work, if the metrics or the data card lack what a card needs."""
+    eval_table(inp)
+    data_facts(inp.data_card)
+
+
 def model_card(model_dir: Path, kind: str, inp: CardInputs) -> str:
     """The card text for `model_dir`, an adapter folder (kind "adapter") or a merged model (kind "merged")."""
     rc_path = model_dir / "run_config.json"
@@ -119,9 +125,9 @@ def model_card(model_dir: Path, kind: str, inp: CardInputs) -> str:
             f"{rc.get('merge_check', {}).get('greedy_answers_identical', '?')}.")
     ident = ", ".join(f"{k}: `{v}`" for k, v in sorted(identity.items()))
     template = params.get("model", {}).get("chat_template", "?")
-    system = inp.fmt.system_prompt or "(none)"
+    system = repr(inp.fmt.system_prompt) if inp.fmt.system_prompt else "none"
     data = "\n".join(f"- **{k}:** {v}" for k, v in facts.items())
-    params_yaml = yaml.safe_dump(params, sort_keys=True).strip()
+    params_yaml = yaml.safe_dump(params | {"format": dataclasses.asdict(inp.fmt)}, sort_keys=True).strip()
     versions = ", ".join(f"{k} {v}" for k, v in sorted(rc.get("versions", {}).items()))
     n = metric(tuned_m, "n", inp.eval_tuned)
     return f"""---
@@ -136,8 +142,10 @@ Made with medtune (LoRA fine-tuning, DVC-tracked pipeline). {what}
 
 ## Base model
 
-{ident}. Prompt format: chat template `{template}`, system prompt {system!r}; use the same template when
-prompting (medtune's `chat`, `ui` and `serve` commands do).
+{ident}.
+
+Prompt format: `{inp.fmt.template}` layout with chat template `{template}`, system prompt {system}. Prompt the
+model the same way (medtune's `chat`, `ui` and `serve` commands do).
 
 ## Training data
 
@@ -169,8 +177,8 @@ hyperparameters, and demonstrating the pipeline. Answers are for reading by peop
 - Small model, short training run: fluent-sounding answers can be factually wrong; lexical overlap
   metrics (ROUGE, token F1) do not measure correctness or safety.
 - {metric(tuned_m, 'runaway_rate', inp.eval_tuned):.0%} of the test answers ran to the token limit without ending.
-- Trained on consumer-health text from NIH pages crawled around 2017 (English only): partly outdated, US-centric,
-  and limited to the question types of that data.
+- Limited to the language ({inp.params.language}), topics and question types of the training data, and to
+  what that data knew when it was written; see its known issues above.
 """
 
 

@@ -3,9 +3,10 @@ model, loaded back from disk, must give the same logits as base + adapter on tes
 `merge.atol`) and the same greedy answers. The stage fails if it does not.
 
 DVC stage `merge`.  Run by hand:
-    python -m stages.merge --adapter models/adapter --data data/formatted --out models/merged --metrics metrics/merge.json
-Reads params `model`, `merge`. Writes safetensors, tokenizer (with the chat template), generation config
-and run_config.json to --out.
+    python -m stages.merge --adapter models/adapter --data data/formatted --out models/merged --metrics metrics/merge.json \
+        --eval-base metrics/eval_base.json --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md
+Reads params `model`, `merge`, `format`, `card`. Writes safetensors, tokenizer (with the chat template),
+generation config, run_config.json and the model card README.md (stages/card.py) to --out.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Literal
 
 import click
 
+from stages.card import CardInputs, CardParams, check_card_inputs, write_model_card
 from stages.common import MedtuneError, atomic_dir, cli_errors, load_params, log_params, read_jsonl, setup_logging, write_json
+from stages.format import FormatParams
 from stages.modeling import ModelParams, device_name, load_model, load_tokenizer, resolve_base, stop_token_ids, versions
 
 log = logging.getLogger("medtune.merge")
@@ -36,7 +39,7 @@ class MergeParams:
         return ["check_prompts: must be >= 1"] if self.check_prompts < 1 else []
 
 
-def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: Path) -> dict:
+def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: Path, card: CardInputs | None = None) -> dict:
     import torch
     from peft import PeftModel
 
@@ -84,6 +87,8 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
         run_config = json.loads((adapter / "run_config.json").read_text()) if (adapter / "run_config.json").exists() else {}
         write_json(tmp / "run_config.json", run_config | {"merge": dataclasses.asdict(p), "merge_check": metrics,
                                                          "base_model": identity, "versions": versions(), "device": device_name()})
+        if card is not None:  # the model card (README.md), inside the atomic output: no model without its card
+            write_model_card(tmp, "merged", card)
     return metrics
 
 
@@ -92,12 +97,17 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--metrics", "metrics_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
-def main(adapter: Path, data_dir: Path, out_dir: Path, metrics_file: Path) -> None:
+@click.option("--eval-base", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="for the model card")
+@click.option("--eval-tuned", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="for the model card")
+@click.option("--data-card", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="for the model card")
+def main(adapter: Path, data_dir: Path, out_dir: Path, metrics_file: Path, eval_base: Path, eval_tuned: Path, data_card: Path) -> None:
     setup_logging()
     with cli_errors():
-        m, p = load_params(("model", ModelParams), ("merge", MergeParams))
+        m, p, fmt, cp = load_params(("model", ModelParams), ("merge", MergeParams), ("format", FormatParams), ("card", CardParams))
         log_params("merge", p)
-        metrics = run(p, m, adapter, data_dir, out_dir)
+        card = CardInputs(cp, fmt, eval_base, eval_tuned, data_card)
+        check_card_inputs(card)  # before the merge, not after it
+        metrics = run(p, m, adapter, data_dir, out_dir, card)
         write_json(metrics_file, metrics)
     log.info("merged: %s", metrics)
 

@@ -91,6 +91,7 @@ def repo_copy(tmp_path, tiny_model) -> Path:
             shutil.copy(src, dst / name)
     (dst / "data" / "source").mkdir(parents=True)
     shutil.copy(ASSETS / "medquad_tiny.jsonl", dst / "data" / "source" / "medquad_tiny.jsonl")
+    shutil.copy(REPO / "data" / "source" / "DATA_CARD.md", dst / "data" / "source" / "DATA_CARD.md")  # merge's model card cites it
     (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model), sort_keys=False))
     env = os.environ.copy()
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"], ["git", "config", "user.name", "t"],
