@@ -145,13 +145,6 @@ def check_row(row: dict, p: CleanParams) -> tuple[dict | None, str]:
         if msgs[-1]["role"] != "assistant" or not users or not all(m["content"] for m in msgs):
             return None, "bad_messages"
         row |= {"messages": msgs, "question": users[-1], "answer": msgs[-1]["content"]}
-    for field in TEXT_FIELDS:
-        if row.get(field) is None and field in ("question", "answer"):
-            return None, f"missing_{field}"
-        if field in row and row[field] is not None and not isinstance(row[field], str):
-            return None, "not_text"
-        if isinstance(row.get(field), str):
-            row[field] = normalise(row[field])
     if "correct" in row:
         opts = row.get("options")
         if not isinstance(opts, dict) or len(opts) < 2 or not all(isinstance(v, str) and normalise(v) for v in opts.values()):
@@ -160,6 +153,13 @@ def check_row(row: dict, p: CleanParams) -> tuple[dict | None, str]:
         if row["correct"] not in row["options"]:
             return None, "bad_correct_option"
         row["answer"] = row["options"][row["correct"]]
+    for field in TEXT_FIELDS:
+        if row.get(field) is None and field in ("question", "answer"):
+            return None, f"missing_{field}"
+        if field in row and row[field] is not None and not isinstance(row[field], str):
+            return None, "not_text"
+        if isinstance(row.get(field), str):
+            row[field] = normalise(row[field])
     for rx in p.strip_boilerplate:
         row["answer"] = re.sub(rx, "", row["answer"]).strip()
     if len(row["question"]) < p.min_question_chars:

@@ -14,17 +14,32 @@ from stages.common import BaseParams, MedtuneError, read_jsonl
 from tests.conftest import ASSETS, tiny_params
 
 BASE = BaseParams(seed=7)
-COLUMNS = {"question": "question", "answer": "answer", "focus": "focus", "source": "source"}
+COLUMNS = {"question": "question", "answer": "answer", "focus": "focus", "source": "source", "url": "url"}
+REPEAT = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())["clean"]["explanation_repeat_regex"]
+DISCLAIMER = {"enabled": False, "text": "Not medical advice; see a clinician.", "position": "end", "fraction": 1.0}
 
 
 def fetch_params(source, **kw) -> fetch.FetchParams:
     return fetch.FetchParams(**{"source": str(source), "revision": None, "split": "train", "columns": COLUMNS,
-                                "id_column": "id", "max_rows": None} | kw)
+                                "id_column": "id", "option_columns": [], "fixed_options": [], "answer_key": "letter",
+                                "mix": [], "max_rows": None} | kw)
 
 
 def clean_params(**kw) -> clean.CleanParams:
-    return clean.CleanParams(**{"min_question_chars": 10, "min_answer_chars": 40, "max_answer_chars": 4000,
-                                "dedupe": True, "max_drop_frac": 0.5} | kw)
+    return clean.CleanParams(**{"min_question_chars": 10, "max_question_chars": 2000, "min_answer_chars": 40,
+                                "max_answer_chars": 4000, "dedupe": True, "near_dup_threshold": 0.9,
+                                "strip_boilerplate": [], "explanation_repeat_regex": REPEAT, "select_longest": None,
+                                "select_field": "explanation", "phi": "keep", "max_drop_frac": 0.5} | kw)
+
+
+def split_params(**kw) -> split.SplitParams:
+    return split.SplitParams(**{"val_frac": 0.2, "test_frac": 0.2, "group_by": ["focus", "url"], "near_dup_threshold": 0.9,
+                                "test_sources": []} | kw)
+
+
+def format_params(**kw) -> format_stage.FormatParams:
+    return format_stage.FormatParams(**{"template": "chat", "system_prompt": "", "max_answer_tokens": 48, "max_length": 96,
+                                        "overflow": "drop", "disclaimer": DISCLAIMER} | kw)
 
 
 @pytest.fixture
@@ -99,7 +114,7 @@ def test_clean_normalises_html_and_whitespace():
 
 
 def test_split_is_deterministic_grouped_and_leak_free(tmp_path, clean_dir):
-    p = split.SplitParams(val_frac=0.2, test_frac=0.2, group_by="focus")
+    p = split_params()
     a = split.run(p, BASE, clean_dir, tmp_path / "a")
     b = split.run(p, BASE, clean_dir, tmp_path / "b")
     assert a == b and a["train"] + a["val"] + a["test"] == len(read_jsonl(clean_dir / "records.jsonl"))
@@ -112,16 +127,16 @@ def test_split_is_deterministic_grouped_and_leak_free(tmp_path, clean_dir):
 def test_split_keeps_same_question_together():
     rows = [{"id": "a", "question": "What is X ?", "focus": "x1"}, {"id": "b", "question": "what is x?", "focus": "x2"},
             {"id": "c", "question": "What is Y?", "focus": "x2"}, {"id": "d", "question": "What is Z?", "focus": "z"}]
-    roots = split.group_rows(rows, "focus")
+    roots = split.group_rows(rows, ["focus"])
     assert roots[0] == roots[1] == roots[2] != roots[3]
 
 
 def test_format_renders_prompt_and_completion_that_training_and_eval_share(tmp_path, clean_dir, tiny_model):
     from stages.modeling import ModelParams
 
-    split.run(split.SplitParams(0.2, 0.2, "focus"), BASE, clean_dir, tmp_path / "split")
+    split.run(split_params(), BASE, clean_dir, tmp_path / "split")
     m = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
-    p = format_stage.FormatParams(system_prompt="", max_answer_tokens=12, max_length=96)
+    p = format_params(max_answer_tokens=12)
     summary = format_stage.run(p, m, tmp_path / "split", tmp_path / "fmt")
     row = read_jsonl(tmp_path / "fmt" / "train.jsonl")[0]
     assert row["prompt"].startswith("<start_of_turn>user\n") and row["prompt"].endswith("<start_of_turn>model\n")
@@ -146,7 +161,7 @@ def test_cli_unknown_params_key_suggests_the_right_one(tmp_path, tiny_model, mon
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", tiny_model, **{"split.val_fraction": 0.1})
     (tmp_path / "in").mkdir()
-    result = CliRunner().invoke(split.main, ["--in", "in", "--out", "out"])
+    result = CliRunner().invoke(split.main, ["--in", "in", "--out", "out", "--metrics", "m.json"])
     assert result.exit_code == 1
     assert "split.val_fraction: unknown key (did you mean 'split.val_frac'?)" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()

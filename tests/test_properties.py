@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from stages import clean, format as format_stage, split
 from stages.common import BaseParams, MedtuneError, read_jsonl
 from stages.modeling import ModelParams
-from tests.test_data_stages import clean_params
+from tests.test_data_stages import clean_params, format_params, split_params
 
 text = st.one_of(
     st.text(max_size=300),
@@ -39,14 +39,14 @@ def test_random_records_pass_with_consistent_counts_or_fail_clearly(rows, tiny_m
             return
         assert c["rows_in"] == len(rows) == c["rows_out"] + sum(c["dropped"].values())
         try:
-            s = split.run(split.SplitParams(0.2, 0.2, "focus"), BaseParams(seed=1), d / "clean", d / "split")
+            s = split.run(split_params(group_by=["focus"]), BaseParams(seed=1), d / "clean", d / "split")
         except MedtuneError as e:
             assert "split is empty" in str(e) and not (d / "split").exists()
             return
         assert s["train"] + s["val"] + s["test"] == c["rows_out"]
         m = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
         try:
-            f = format_stage.run(format_stage.FormatParams("", 32, 96), m, d / "split", d / "fmt")
+            f = format_stage.run(format_params(max_answer_tokens=32), m, d / "split", d / "fmt")
         except MedtuneError as e:
             assert "no examples left after formatting" in str(e) and ".jsonl" in str(e)
             assert not (d / "fmt").exists()
