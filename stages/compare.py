@@ -207,8 +207,11 @@ def plot(rows: list[dict], p: CompareParams, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['base_model']} · {r['run']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    def short(base: str) -> str:  # a local folder by its name; hub ids and pypi: names as they are
+        return Path(base).name if str(base).startswith(("/", ".")) else str(base)
+
+    labels = [f"{short(r['base_model'])} · {r['run']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.45 * len(rows)))
     for y, r in enumerate(rows):
         lo, hi = interval(r, "delta", 1.0)
         color = "tab:gray" if r["within_noise"] else "tab:blue"
@@ -216,7 +219,8 @@ def plot(rows: list[dict], p: CompareParams, png: Path) -> None:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{p.metric}: tuned - base (bars: CI, or ± 1 std over seeds; gray: within noise)")
+    ax.set_xlabel(f"{p.metric}: tuned - base")
+    ax.set_title("bars: the delta's CI (one seed) or ± 1 std (several seeds); gray: within noise", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
