@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import click
+from fastapi import Request  # at module level: FastAPI resolves the endpoint's annotations from here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.chat import DISCLAIMER, Answer, ChatModel, ChatParams, RequestError, load_base, load_tuned
@@ -82,7 +83,7 @@ def question_of(req: ChatRequest) -> str:
 
 
 def make_app(models: dict[str, ChatModel], cp: ChatParams, sp: ServeParams):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import StreamingResponse
 

@@ -1,0 +1,387 @@
+"""Using the fine-tuned model: the chat CLI, the OpenAI-compatible HTTP API (a real uvicorn server and a real
+HTTP client), the model card written by merge, and push --dry-run. A tiny LoRA adapter is built with peft
+on the tiny model from conftest; the browser test of the web UI is in test_ui.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import shutil
+import yaml
+from click.testing import CliRunner
+
+from stages import card as card_stage
+from stages import chat, merge, push
+from stages.card import CardInputs, CardParams
+from stages.common import load_params, write_json
+from stages.format import FormatParams, render
+from stages.modeling import ModelParams, load_tokenizer
+from tests.conftest import REPO, tiny_params
+
+QUESTION = "what are the symptoms of glaucoma ?"
+
+
+def model_params(tiny_model: Path) -> ModelParams:
+    return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so tuned and base answers differ; saved like train's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from stages.modeling import load_model
+
+    out = tmp_path_factory.mktemp("adapter")
+    m = model_params(tiny_model)
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tiny_model, m), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+    model.save_pretrained(out)
+    load_tokenizer(tiny_model, m).save_pretrained(out)
+    (out / "README.md").write_text("peft's placeholder card\n")
+    write_json(out / "run_config.json", {
+        "params": {"base": {"seed": 3}, "model": {"base": str(tiny_model), "revision": None, "chat_template": "gemma3_base",
+                                                  "trust_remote_code": False},
+                   "train": {"lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "max_steps": 4,
+                             "quantization": "none"}},
+        "base_model": {"base": str(tiny_model), "kind": "local"}, "versions": {"peft": "test"}, "device": "cpu"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model) -> Path:
+    """A folder to run the commands in: params.yaml (the repository's, shrunk), eval metrics and a data card."""
+    d = tmp_path_factory.mktemp("use")
+    p = tiny_params(tiny_model)
+    p["chat"].update(max_new_tokens=12, max_new_tokens_cap=40, max_prompt_tokens=64)
+    p["serve"].update(max_request_bytes=2048)
+    (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    ci = [0.1, 0.3]
+    for name, extra in (("eval_base", {}), ("eval_tuned", {f"delta_{k}": 0.05 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
+                                          | {f"delta_{k}_ci": [0.01, 0.09] for k in ("rougeL", "rouge1", "rouge2", "token_f1")})):
+        write_json(d / "metrics" / f"{name}.json", {"n": 7, "runaway_rate": 0.25, "repetition_rate": 0.5} | extra
+                   | {k: 0.2 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
+                   | {f"{k}_ci": ci for k in ("rougeL", "rouge1", "rouge2", "token_f1")})
+    (d / "DATA_CARD.md").write_text((REPO / "data" / "source" / "DATA_CARD.md").read_text())
+    return d
+
+
+@pytest.fixture
+def in_workdir(workdir, monkeypatch, tmp_path) -> Path:
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
+    return workdir
+
+
+def expected_answer(tiny_model: Path, adapter: Path | None, question: str, max_new_tokens: int) -> str:
+    """Greedy generation on the training prompt, written out independently of stages.chat."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m = model_params(tiny_model)
+    tok = load_tokenizer(tiny_model, m)
+    (fmt,) = load_params(("format", FormatParams))
+    prompt = render(tok, fmt, {"id": "q", "question": question})[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    enc = tok(prompt, return_tensors="pt")
+    stops = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
+    ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- chat CLI
+
+
+def test_chat_streams_the_greedy_answer_to_the_training_prompt(in_workdir, tiny_model, tiny_adapter):
+    result = CliRunner().invoke(chat.main, ["--adapter", str(tiny_adapter), QUESTION])
+    assert result.exit_code == 0, result.output
+    want = expected_answer(tiny_model, tiny_adapter, QUESTION, 12)
+    assert want.strip() and result.stdout.strip() == want.strip()
+    assert "Not medical advice" in result.stderr
+
+    (cp,) = load_params(("chat", chat.ChatParams))
+    tuned, _ = chat.load_tuned(tiny_adapter, adapter=True)
+    answer = chat.Answer(tuned, QUESTION, cp)
+    pieces = list(answer)
+    assert len(pieces) > 1 and "".join(pieces).strip() == want.strip()  # streamed in pieces, not one block
+    assert 1 <= answer.completion_tokens <= 12 and answer.finish_reason in ("stop", "length")
+
+
+def test_chat_compare_shows_base_beside_tuned_and_stdin_mode(in_workdir, tiny_model, tiny_adapter):
+    result = CliRunner().invoke(chat.main, ["--adapter", str(tiny_adapter), "--compare"], input=f"{QUESTION}\n\n")
+    assert result.exit_code == 0, result.output
+    tuned_head, base_head = "── fine-tuned", "── base"
+    out = result.stdout
+    assert out.index(tuned_head) < out.index(base_head)
+    tuned_text = out.split(base_head)[0].split("\n", 1)[1].strip()
+    base_text = out.split(base_head)[1].split("\n", 1)[1].strip()
+    assert tuned_text == expected_answer(tiny_model, tiny_adapter, QUESTION, 12).strip()
+    assert base_text == expected_answer(tiny_model, None, QUESTION, 12).strip() != tuned_text
+
+
+def test_chat_with_the_merged_model_answers_like_base_plus_adapter(in_workdir, tiny_model, tiny_adapter, merged):
+    result = CliRunner().invoke(chat.main, ["--model", str(merged), QUESTION])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == expected_answer(tiny_model, tiny_adapter, QUESTION, 12).strip()
+
+
+def test_chat_from_a_dvc_experiment_reads_the_adapter_from_the_cache(in_workdir, tmp_path, tiny_model, tiny_adapter, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "models").mkdir(parents=True)
+    (repo / "params.yaml").write_text((in_workdir / "params.yaml").read_text())
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def sh(*cmd):
+        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"], ["git", "config", "user.name", "t"],
+                [sys.executable, "-m", "dvc", "init", "-q"]):
+        sh(*cmd)
+    shutil.copytree(tiny_adapter, repo / "models" / "adapter")
+    sh(sys.executable, "-m", "dvc", "add", "-q", "models/adapter")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "adapter")
+    sh(sys.executable, "-m", "dvc", "exp", "save", "-n", "my-exp")
+    shutil.rmtree(repo / "models" / "adapter")  # the workspace no longer has it: it must come from the cache
+    monkeypatch.chdir(repo)
+    runner = CliRunner()
+    result = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "my-exp", QUESTION])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == expected_answer(tiny_model, tiny_adapter, QUESTION, 12).strip()
+    bad = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "no-such-exp", QUESTION])
+    assert bad.exit_code == 1 and "no-such-exp: not an experiment" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--adapter", "X", "--model", "Y", "q"], 2, "exactly one of --model"),
+    (["--adapter", "nowhere", "q"], 2, "nowhere: no such folder"),
+    (["--adapter", "ADAPTER", "word " * 80], 1, "over chat.max_prompt_tokens (64)"),
+])
+def test_chat_rejects_bad_input_in_one_line(in_workdir, tiny_adapter, args, code, message):
+    args = [str(tiny_adapter) if a == "ADAPTER" else a for a in args]
+    result = CliRunner().invoke(chat.main, args)
+    assert result.exit_code == code and message in result.output and "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------- HTTP API
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], cwd: Path, ready_path: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """Start `python -m stages.<...>` on a free port and wait until `ready_path` answers 200."""
+    port = free_port()
+    env = os.environ | {"PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)], cwd=cwd, env=env, stdout=f, stderr=f)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"{args[0]} did not start in time:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def api(workdir, tiny_adapter, tmp_path_factory):
+    proc, url = start_server(["stages.serve", "--adapter", str(tiny_adapter), "--with-base"], workdir, "/health",
+                             tmp_path_factory.mktemp("serve") / "serve.log")
+    yield url
+    stop_server(proc)
+
+
+def ask(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}]} | body, timeout=60)
+
+
+def sse_events(url: str, **body) -> list:
+    events = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": QUESTION}], "stream": True} | body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return events
+
+
+def test_api_answers_whole_and_streamed_like_the_cli(api, workdir, tiny_model, tiny_adapter, monkeypatch):
+    monkeypatch.chdir(workdir)
+    want = expected_answer(tiny_model, tiny_adapter, QUESTION, 12).strip()
+    r = ask(api, model="tuned")
+    assert r.status_code == 200 and "Not medical advice" in r.headers["x-medical-disclaimer"]
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tuned"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"].strip() == want
+    assert choice["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] > 0 and body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+    events = sse_events(api, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
+    assert len([p for p in pieces if p]) > 1 and "".join(pieces).strip() == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert events[-2]["usage"] == body["usage"]
+
+    base = ask(api, model="base").json()["choices"][0]["message"]["content"].strip()
+    assert base == expected_answer(tiny_model, None, QUESTION, 12).strip() != want
+    assert ask(api, max_tokens=3).json()["usage"]["completion_tokens"] <= 3
+    models = httpx.get(f"{api}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tuned", "base"] and "adapter" in models["data"][0]["description"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"max_tokens": 41}, 400, "max_tokens must be between 1 and 40"),
+    ({"max_completion_tokens": 0}, 400, "max_tokens must be between 1 and 40"),
+    ({"model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
+    ({"messages": []}, 400, "messages: List should have at least 1 item"),
+    ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": QUESTION}]}, 400,
+     "exactly one user message"),
+    ({"messages": [{"role": "user", "content": "  "}]}, 400, "the question is empty"),
+    ({"messages": [{"role": "user", "content": "word " * 80}]}, 400, "over chat.max_prompt_tokens"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"temperature": 3}, 400, "temperature must be in [0, 2]"),
+    ({"logprobs": True}, 400, "logprobs: Extra inputs are not permitted"),
+    ({"n": 2}, 400, "n: Input should be 1"),
+])
+def test_api_refuses_bad_requests_with_openai_errors(api, body, status, message):
+    r = ask(api, **body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_api_refuses_oversized_and_malformed_bodies(api):
+    url = f"{api}/v1/chat/completions"
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]})
+    r = httpx.post(url, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "serve.max_request_bytes (2,048)" in r.json()["error"]["message"]
+    chunked = httpx.post(url, content=iter([big[:1500].encode(), big[1500:].encode()]))  # no content-length
+    assert chunked.status_code == 413
+    bad = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    assert ask(api).status_code == 200  # still serving
+
+
+# ---------------------------------------------------------------- model card and push
+
+
+@pytest.fixture(scope="module")
+def merged(workdir, tiny_model, tiny_adapter, tmp_path_factory) -> Path:
+    """merge.run on the tiny adapter, with the model card, as the merge stage runs it."""
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        m = model_params(tiny_model)
+        fmt, cp, mp = load_params(("format", FormatParams), ("card", CardParams), ("merge", merge.MergeParams))
+        tok = load_tokenizer(tiny_model, m)
+        data = tmp_path_factory.mktemp("fmt")
+        rows = [{"id": f"t{i}", "prompt": render(tok, fmt, {"id": f"t{i}", "question": q})[0]}
+                for i, q in enumerate([QUESTION, "is glaucoma inherited ?"])]
+        (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path_factory.mktemp("merged") / "merged"
+        card = CardInputs(cp, fmt, workdir / "metrics/eval_base.json", workdir / "metrics/eval_tuned.json", workdir / "DATA_CARD.md")
+        assert merge.run(mp, m, tiny_adapter, data, out, card)["passed"]
+        return out
+    finally:
+        os.chdir(old)
+
+
+def test_merge_writes_a_model_card_with_lineage_data_license_metrics_and_disclaimer(merged, tiny_model):
+    text = (merged / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["license"] == "gemma" and meta["base_model"] == "google/gemma-3-270m" and meta["library_name"] == "transformers"
+    assert "Medical disclaimer" in text and "Not medical advice" in text
+    assert str(tiny_model) in text  # the base model as trained, with its identity
+    assert "CC BY 4.0" in text and "Ben Abacha" in text  # the data's license and citation, from the data card
+    assert "| ROUGE-L F1 | 0.200 [0.100, 0.300] | 0.200 [0.100, 0.300] | +0.050 [0.010, 0.090] |" in text
+    assert "n = 7" in text and "lora_r: 4" in text and "## Intended use" in text and "## Limitations" in text
+
+
+def test_merge_stops_before_merging_when_the_card_cannot_be_written(in_workdir, tmp_path, tiny_model, tiny_adapter):
+    bad_card = tmp_path / "DATA_CARD.md"
+    bad_card.write_text("# data\n- **Source:** somewhere\n")  # no license
+    result = CliRunner().invoke(merge.main, ["--adapter", str(tiny_adapter), "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+                                             "--metrics", str(tmp_path / "m.json"), "--eval-base", "metrics/eval_base.json",
+                                             "--eval-tuned", "metrics/eval_tuned.json", "--data-card", str(bad_card)])
+    assert result.exit_code == 1 and "no '- **License:** ...' line" in result.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_card_command_writes_the_adapter_card(in_workdir, tmp_path, tiny_adapter):
+    out = tmp_path / "card.md"
+    result = CliRunner().invoke(card_stage.main, ["--model", str(tiny_adapter), "--eval-base", "metrics/eval_base.json",
+                                                  "--eval-tuned", "metrics/eval_tuned.json", "--data-card", "DATA_CARD.md",
+                                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "library_name: peft" in text and "A LoRA adapter (rank 4, alpha 8, modules q_proj, v_proj)" in text
+    missing = CliRunner().invoke(card_stage.main, ["--model", str(tiny_adapter), "--eval-base", "params.yaml",
+                                                   "--eval-tuned", "metrics/eval_tuned.json", "--data-card", "DATA_CARD.md"])
+    assert missing.exit_code == 1 and "params.yaml:1: malformed JSON" in missing.output
+
+
+def test_push_dry_run_lists_exactly_what_would_be_uploaded(in_workdir, tiny_adapter, merged):
+    args = ["--adapter", str(tiny_adapter), "--repo-id", "me/medtune-tiny", "--dry-run", "--eval-base", "metrics/eval_base.json",
+            "--eval-tuned", "metrics/eval_tuned.json", "--data-card", "DATA_CARD.md"]
+    result = CliRunner().invoke(push.main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("would upload") and "me/medtune-tiny" in lines[0]
+    listed = {line.split("\t")[0].strip(): int(line.split("\t")[1].replace(",", "")) for line in lines[1:]}
+    files = {p.name for p in tiny_adapter.iterdir() if p.is_file()}
+    assert set(listed) == files  # every adapter file, README.md being the new card
+    assert listed["adapter_model.safetensors"] == (tiny_adapter / "adapter_model.safetensors").stat().st_size
+    assert listed["README.md"] != (tiny_adapter / "README.md").stat().st_size  # not peft's placeholder
+    assert (tiny_adapter / "README.md").read_text() == "peft's placeholder card\n"  # the adapter folder is untouched
+
+    merged_run = CliRunner().invoke(push.main, ["--model", str(merged), "--repo-id", "me/medtune-tiny-merged", "--dry-run"])
+    assert merged_run.exit_code == 0, merged_run.output
+    assert {line.split("\t")[0].strip() for line in merged_run.stdout.splitlines()[1:]} == {p.name for p in merged.iterdir()}
+
+
+def test_push_without_dry_run_fails_in_one_line_when_the_hub_is_unreachable(in_workdir, merged, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never reach a real hub from a test
+    result = CliRunner().invoke(push.main, ["--model", str(merged), "--repo-id", "me/medtune-tiny"])
+    assert result.exit_code == 1 and "upload to me/medtune-tiny failed: OfflineModeIsEnabled" in result.output
+    assert "Traceback" not in result.output
+    no_card = CliRunner().invoke(push.main, ["--adapter", str(merged), "--repo-id", "me/x", "--dry-run"])
+    assert no_card.exit_code == 2 and "--adapter needs --eval-base, --eval-tuned, --data-card" in no_card.output
+
