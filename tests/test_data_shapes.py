@@ -99,6 +99,8 @@ def test_shape_runs_through_the_data_stages_from_params_alone(shape, tiny_model,
     assert quality["leakage_ok"] and quality["end_token_trained"] == 1.0
     assert quality["rows_train"] == len(rows["train"]) > 0 and quality["rows_test"] == len(rows["test"]) > 0
     assert all(r["completion"].endswith("<eos>") and r["prompt"] and r["reference"] for r in every)
+    md = (root / "reports/data_quality.md").read_text()  # three examples with the trained tokens marked
+    assert md.count("end token `<eos>` trained: yes") == min(3, len(rows["train"])) and md.count("⟦<eos>⟧") >= 1
     CHECKS[shape](root, rows, every, quality)
 
 

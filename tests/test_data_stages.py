@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,182 @@ def test_cli_empty_dataset_fails_and_keeps_previous_output(tmp_path, tiny_model,
     assert result.exit_code == 1 and "empty.jsonl: file is empty" in result.output
     assert (tmp_path / "raw" / "records.jsonl").read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".raw")] == []
+
+
+# ---------------------------------------------------------------- bad records, PHI, selection
+
+
+def write_raw(tmp_path, rows) -> Path:
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "raw"
+
+
+def test_clean_drops_bad_records_by_reason(tmp_path, tiny_rows):
+    good = [{"id": str(i), "question": r["question"], "answer": r["answer"]} for i, r in enumerate(tiny_rows[:20])]
+    bad = [{"id": "no-answer", "question": "What is missing here?"},              # missing field
+           {"id": "list", "question": "What type is this?", "answer": ["a list"]},  # wrong type
+           {"id": "empty", "question": "   ", "answer": tiny_rows[0]["answer"] + " More."},  # empty text
+           {"id": "turns", "messages": [{"role": "user", "content": "Hello doctor?"}]}]  # dialogue without an answer
+    summary = clean.run(clean_params(), write_raw(tmp_path, good + bad), tmp_path / "clean")
+    assert summary["dropped"] == {"missing_answer": 1, "not_text": 1, "short_question": 1, "bad_messages": 1}
+    assert summary["rows_out"] == 20
+
+
+@pytest.mark.parametrize("action", ["keep", "mask", "drop"])
+def test_clean_flags_likely_phi_and_masks_or_drops_it(tmp_path, tiny_rows, action):
+    rows = [{"id": str(i), "question": r["question"], "answer": r["answer"]} for i, r in enumerate(tiny_rows[:20])]
+    rows[0]["question"] = "My son (DOB: 04/12/2015, MRN: 48213377) has a fever. What should I do?"
+    rows[1]["answer"] += " Write to jane.doe@example.org or call (301) 555-0199."
+    summary = clean.run(clean_params(phi=action), write_raw(tmp_path, rows), tmp_path / "clean")
+    assert summary["phi"] == {"date_of_birth": 1, "email": 1, "phone": 1, "record_number": 1} and summary["phi_rows"] == 2
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "clean" / "records.jsonl")}
+    if action == "keep":
+        assert "jane.doe@example.org" in out["1"]["answer"] and "48213377" in out["0"]["question"]
+    elif action == "mask":
+        assert out["0"]["question"] == "My son ([DATE_OF_BIRTH], [RECORD_NUMBER]) has a fever. What should I do?"
+        assert out["1"]["answer"].endswith("Write to [EMAIL] or call [PHONE].") and summary["changed"] == {"phi_masked": 2}
+    else:
+        assert "0" not in out and "1" not in out and summary["dropped"]["phi"] == 2
+
+
+def test_clean_keeps_the_rows_with_the_longest_field(tmp_path, tiny_rows):
+    rows = [{"id": str(i), "question": r["question"], "answer": r["answer"]} for i, r in enumerate(tiny_rows[:20])]
+    summary = clean.run(clean_params(select_longest=5, select_field="answer"), write_raw(tmp_path, rows), tmp_path / "clean")
+    kept = read_jsonl(tmp_path / "clean" / "records.jsonl")
+    longest = sorted((len(clean.normalise(r["answer"])) for r in rows), reverse=True)[:5]
+    assert sorted((len(r["answer"]) for r in kept), reverse=True) == longest and summary["not_selected"] == 15
+
+
+def test_fetch_malformed_xml_names_the_file_and_line(tmp_path):
+    folder = tmp_path / "xml" / "6_NINDS_QA"
+    shutil.copytree(ASSETS / "medquad_xml" / "6_NINDS_QA", folder)
+    (folder / "0000999.xml").write_text('<?xml version="1.0"?>\n<Document id="1">\n<QAPairs>\n</Document>\n')
+    with pytest.raises(MedtuneError, match=r"0000999.xml:4: malformed XML"):
+        fetch.run(fetch_params(tmp_path / "xml"), BASE, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_fetch_mix_entry_problems_name_the_entry(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    entry = {"source": "x.jsonl", "revision": None, "split": "train", "id_column": None, "columns": {"q": "question"}}
+    write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.mix": [entry, {"source": "y.jsonl"}]})
+    result = CliRunner().invoke(fetch.main, ["--out", "raw"])
+    assert result.exit_code == 1 and "fetch.mix[0].columns: map question and answer" in result.output
+    assert "fetch.mix[1].revision: missing" in result.output and not (tmp_path / "raw").exists()
+
+
+# ---------------------------------------------------------------- split
+
+
+@pytest.fixture
+def sample_clean(tmp_path) -> Path:
+    """The default run's 400 real MedQuAD rows, cleaned."""
+    src = Path(__file__).parent.parent / "data" / "source" / "medquad_sample.jsonl"
+    fetch.run(fetch_params(src, columns=COLUMNS | {"qtype": "qtype"}), BASE, tmp_path / "raw")
+    clean.run(clean_params(), tmp_path / "raw", tmp_path / "clean")
+    return tmp_path / "clean"
+
+
+@pytest.mark.parametrize("val,test", [(0.1, 0.1), (0.15, 0.15)])
+def test_split_ratios_are_params_and_groups_never_straddle(tmp_path, sample_clean, val, test):
+    summary = split.run(split_params(val_frac=val, test_frac=test), BASE, sample_clean, tmp_path / "split")
+    n = summary["train"] + summary["val"] + summary["test"]
+    assert n == len(read_jsonl(sample_clean / "records.jsonl")) and summary["leakage_ok"]
+    assert abs(summary["test"] / n - test) < 0.05 and abs(summary["val"] / n - val) < 0.05
+    parts = {s: read_jsonl(tmp_path / "split" / f"{s}.jsonl") for s in split.SPLITS}
+    for field in ("focus", "url"):
+        assert not {r[field] for r in parts["train"]} & {r[field] for r in parts["test"]}
+    near = split.NearDups(0.9)
+    for r in parts["train"]:
+        near.add(r["id"], near.sig(r))
+    assert not any(near.matches(near.sig(r)) for r in parts["test"])  # no near-duplicate answer across train/test
+
+
+def test_split_holds_out_whole_sources_and_drops_train_repeats(tmp_path, sample_clean):
+    rows = read_jsonl(sample_clean / "records.jsonl")
+    ninds = next(r for r in rows if r["source"] == "6_NINDS_QA")
+    copies = [{**rows[0], "id": "copy/question", "source": "3_GHR_QA", "focus": "copy", "url": "u1", "question": ninds["question"]},
+              {**rows[0], "id": "copy/answer", "source": "3_GHR_QA", "focus": "copy2", "url": "u2", "question": "What is new here?",
+               "answer": ninds["answer"] + " Extra."}]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + copies))
+    summary = split.run(split_params(test_sources=["1_CancerGov_QA", "6_NINDS_QA"]), BASE, tmp_path / "in", tmp_path / "split")
+    parts = {s: read_jsonl(tmp_path / "split" / f"{s}.jsonl") for s in split.SPLITS}
+    assert {r["source"] for r in parts["test"]} == {"1_CancerGov_QA", "6_NINDS_QA"}
+    assert summary["test"] == sum(r["source"] in ("1_CancerGov_QA", "6_NINDS_QA") for r in rows)
+    kept = {r["id"] for s in ("train", "val") for r in parts[s]}
+    assert "copy/question" not in kept and "copy/answer" not in kept
+    assert sum(summary["dropped_leaks"].values()) >= 2 and summary["leakage_ok"]
+    assert summary["train"] + summary["val"] + summary["test"] + sum(summary["dropped_leaks"].values()) == len(rows) + 2
+
+
+def test_split_unknown_test_source_is_named(tmp_path, sample_clean):
+    with pytest.raises(MedtuneError, match=r"split.test_sources: no rows with source '4_MPlus_QA'"):
+        split.run(split_params(test_sources=["4_MPlus_QA"]), BASE, sample_clean, tmp_path / "split")
+
+
+def test_split_refuses_to_write_a_leaking_split(tmp_path, sample_clean, monkeypatch):
+    """The leakage check is the stage's guarantee, independent of the grouping: break the grouping, it still holds."""
+    monkeypatch.setattr(split, "group_rows", lambda rows, *a: list(range(len(rows))))
+    rows = read_jsonl(sample_clean / "records.jsonl")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "records.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows + [{**r, "id": r["id"] + "/again"} for r in rows]))
+    with pytest.raises(MedtuneError, match=r"train rows repeat a test question or near-duplicate answer, e\.g\. train"):
+        split.run(split_params(), BASE, tmp_path / "in", tmp_path / "split")
+    assert not (tmp_path / "split").exists()
+
+
+# ---------------------------------------------------------------- format
+
+
+@pytest.fixture
+def split_dir(tmp_path, clean_dir) -> Path:
+    split.run(split_params(), BASE, clean_dir, tmp_path / "split")
+    return tmp_path / "split"
+
+
+def tiny_m(tiny_model):
+    from stages.modeling import ModelParams
+
+    return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+
+
+def test_format_disclaimer_goes_to_the_chosen_fraction(tmp_path, split_dir, tiny_model):
+    d = {"enabled": True, "text": "not medical advice", "position": "start", "fraction": 0.5}
+    summary = format_stage.run(format_params(template="qa", disclaimer=d), tiny_m(tiny_model), split_dir, tmp_path / "a")
+    rows = [r for s in split.SPLITS for r in read_jsonl(tmp_path / "a" / f"{s}.jsonl")]
+    with_it = [r for r in rows if r["disclaimer"]]
+    assert 0.2 < len(with_it) / len(rows) < 0.8 and sum(summary[s]["with_disclaimer"] for s in split.SPLITS) == len(with_it)
+    assert all(r["completion"].startswith("not medical advice\n\n") for r in with_it)
+    assert not any("not medical advice" in r["completion"] for r in rows if not r["disclaimer"])
+    format_stage.run(format_params(template="qa", disclaimer=d | {"position": "end"}), tiny_m(tiny_model), split_dir, tmp_path / "b")
+    again = {r["id"]: r for s in split.SPLITS for r in read_jsonl(tmp_path / "b" / f"{s}.jsonl")}
+    assert all(again[r["id"]]["completion"].endswith("not medical advice<eos>") for r in with_it)  # same rows chosen
+
+
+def test_format_overflow_drops_or_truncates(tmp_path, split_dir, tiny_model):
+    m, system = tiny_m(tiny_model), " ".join(["answer the question about the condition"] * 5)  # a 30-token prompt prefix
+    kw = {"system_prompt": system, "template": "qa", "max_answer_tokens": 60, "max_length": 64}
+    dropped = format_stage.run(format_params(**kw), m, split_dir, tmp_path / "drop")
+    cut = format_stage.run(format_params(**kw, overflow="truncate"), m, split_dir, tmp_path / "cut")
+    assert dropped["train"]["over_max_length"] == cut["train"]["over_max_length"] > 0
+    assert dropped["train"]["dropped_too_long"] == dropped["train"]["over_max_length"] and dropped["train"]["truncated_to_fit"] == 0
+    assert cut["train"]["truncated_to_fit"] > 0 and cut["train"]["rows"] > dropped["train"]["rows"]
+    assert all(r["n_tokens"] <= 64 for r in read_jsonl(tmp_path / "cut" / "train.jsonl"))
+
+
+def test_format_mcq_template_needs_multiple_choice_rows(tmp_path, split_dir, tiny_model):
+    with pytest.raises(MedtuneError, match=r"format.template=mcq: row '.*' has no options"):
+        format_stage.run(format_params(template="mcq"), tiny_m(tiny_model), split_dir, tmp_path / "fmt")
+    assert not (tmp_path / "fmt").exists()
+
+
+def test_format_params_check_the_disclaimer_mapping(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", tiny_model, **{"format.disclaimer": {"enabled": True, "text": "x", "position": "middle"}})
+    (tmp_path / "in").mkdir()
+    result = CliRunner().invoke(format_stage.main, ["--in", "in", "--out", "out", "--metrics", "m.json"])
+    assert result.exit_code == 1 and "format.disclaimer.position: expected one of 'end', 'start'" in result.output
+    assert "format.disclaimer.fraction: missing" in result.output
