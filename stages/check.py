@@ -55,21 +55,19 @@ def status_problems(repo: Path) -> list[str]:
 
     with Repo(str(repo)) as r:
         status = r.status()
-    problems = []
+    changed: dict[tuple[str, str], list[str]] = {}  # (what changed, how) -> stages, so a shared dep is named once
     for stage, changes in sorted(status.items()):
         for change in changes:
-            if isinstance(change, str):  # e.g. "always changed"
-                problems.append(f"dvc status: stage {stage}: {change}")
+            if isinstance(change, str):  # e.g. "always changed", "changed command"
+                changed.setdefault((f"stage {stage}", change), [])
                 continue
             for kind, paths in change.items():
-                what = {"changed outs": "output", "changed deps": "dependency", "changed params": "params"}.get(kind, kind)
-                if isinstance(paths, dict):
-                    for path, how in sorted(paths.items()):
-                        detail = how if isinstance(how, str) else json.dumps(how)
-                        problems.append(f"dvc status: {path} {detail} ({what} of stage {stage}; does not match dvc.lock)")
-                else:
-                    problems.append(f"dvc status: stage {stage}: {kind} {paths}")
-    return problems
+                role = {"changed outs": "output", "changed deps": "dependency"}.get(kind, kind)
+                for path, how in sorted(paths.items()) if isinstance(paths, dict) else [(str(paths), kind)]:
+                    detail = how if isinstance(how, str) else ", ".join(f"{k} {v}" for k, v in sorted(how.items()))
+                    changed.setdefault((f"{path}:" if isinstance(how, dict) else path, f"{detail} ({role}"), []).append(stage)
+    return [f"dvc status: {what} {how}{' of ' + ', '.join(stages) if stages else ''}; does not match dvc.lock)"
+            if stages else f"dvc status: {what}: {how}" for (what, how), stages in changed.items()]
 
 
 def read_metrics(path: Path, problems: list[str]) -> dict | None:

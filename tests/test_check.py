@@ -62,7 +62,7 @@ def test_check_on_a_pulled_clone_passes_then_names_what_was_tampered(repo_copy, 
     weights.write_bytes(original[:-64] + bytes(64))  # same size, last tensor bytes zeroed
     bad = run_check(clone)
     assert bad.returncode == 1
-    assert "dvc status: models/adapter modified (output of stage train; does not match dvc.lock)" in bad.stderr
+    assert "dvc status: models/adapter modified (output of train; does not match dvc.lock)" in bad.stderr
     weights.write_bytes(original)
 
     tuned = clone / "metrics" / "eval_tuned.json"
