@@ -4,9 +4,10 @@ option, and rendered training examples with their loss mask (which tokens are tr
 
 DVC stage `report`.  Run by hand:
   python -m stages.report --raw data/raw --clean-metrics metrics/clean.json --split-metrics metrics/split.json \
-      --format-metrics metrics/format.json --data data/formatted --out metrics/data_quality.json --markdown reports/data_quality.md
-Reads params `model`, `format`, `report`. Writes the JSON (DVC metrics: its top-level numbers show in
-`dvc exp show`) and a short markdown page.
+      --format-metrics metrics/format.json --data data/formatted --out metrics/data_quality.json \
+      --details reports/data_quality.json --markdown reports/data_quality.md
+Reads params `model`, `format`, `report`. Writes a few key figures as DVC metrics (flat JSON, so
+`dvc exp show` shows them as columns), the full breakdown as JSON beside the markdown page.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def show_mask(tok, row: dict, mask: dict) -> str:
 
 
 def run(p: ReportParams, f: FormatParams, m: ModelParams, raw_dir: Path, clean_metrics: Path, split_metrics: Path,
-        format_metrics: Path, data_dir: Path) -> tuple[dict, str]:
+        format_metrics: Path, data_dir: Path) -> tuple[dict, dict, str]:
+    """(key figures, full breakdown, markdown)."""
     manifest, clean, split, fmt = (read_json(x) for x in (raw_dir / "manifest.json", clean_metrics, split_metrics, format_metrics))
     rows = {s: read_jsonl(data_dir / f"{s}.jsonl") for s in SPLITS}
     tok = load_tokenizer(resolve_base(m)[0], m)
@@ -124,7 +126,8 @@ def run(p: ReportParams, f: FormatParams, m: ModelParams, raw_dir: Path, clean_m
         *(f"- {field}: " + "; ".join(f"{s} {dict(v)}" for s, v in by.items()) for field, by in report["counts"].items()),
         "", "## Examples with the loss mask", "", *examples,
     ])
-    return report, md
+    key = {k: v for k, v in report.items() if not isinstance(v, dict)}
+    return key, report, md
 
 
 @click.command()
@@ -134,16 +137,18 @@ def run(p: ReportParams, f: FormatParams, m: ModelParams, raw_dir: Path, clean_m
 @click.option("--format-metrics", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--details", "details_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--markdown", "md_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
-def main(raw_dir, clean_metrics, split_metrics, format_metrics, data_dir, out_file, md_file) -> None:
+def main(raw_dir, clean_metrics, split_metrics, format_metrics, data_dir, out_file, details_file, md_file) -> None:
     setup_logging()
     with cli_errors():
         m, f, p = load_params(("model", ModelParams), ("format", FormatParams), ("report", ReportParams))
         log_params("report", p)
-        report, md = run(p, f, m, raw_dir, clean_metrics, split_metrics, format_metrics, data_dir)
+        key, details, md = run(p, f, m, raw_dir, clean_metrics, split_metrics, format_metrics, data_dir)
         write_text_atomic(md_file, md)
-        write_json(out_file, report)
-    log.info("data quality: %s", {k: v for k, v in report.items() if not isinstance(v, dict)})
+        write_json(details_file, details)
+        write_json(out_file, key)  # last: the DVC metrics file
+    log.info("data quality: %s", key)
 
 
 if __name__ == "__main__":

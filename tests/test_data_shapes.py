@@ -33,7 +33,7 @@ SHAPES = ["medquad_xml", "instruction", "context_question_answer", "mcq", "mcq_f
 STAGE_OUTPUTS = ["data/raw/records.jsonl", "data/raw/manifest.json", "data/clean/records.jsonl", "metrics/clean.json",
                  *[f"data/split/{s}.jsonl" for s in split.SPLITS], "metrics/split.json",
                  *[f"data/formatted/{s}.jsonl" for s in split.SPLITS], "metrics/format.json",
-                 "metrics/data_quality.json", "reports/data_quality.md"]
+                 "metrics/data_quality.json", "reports/data_quality.json", "reports/data_quality.md"]
 
 
 def readme_blocks() -> dict[str, dict]:
@@ -65,7 +65,7 @@ def run_stages(root: Path) -> None:
         (format_stage.main, "--in data/split --out data/formatted --metrics metrics/format.json"),
         (report.main, "--raw data/raw --clean-metrics metrics/clean.json --split-metrics metrics/split.json "
                       "--format-metrics metrics/format.json --data data/formatted --out metrics/data_quality.json "
-                      "--markdown reports/data_quality.md"),
+                      "--details reports/data_quality.json --markdown reports/data_quality.md"),
     ]
     for cmd, args in steps:
         result = CliRunner().invoke(cmd, args.split())
@@ -95,7 +95,10 @@ def test_shape_runs_through_the_data_stages_from_params_alone(shape, tiny_model,
     root = roots[0]
     rows = formatted(root)
     every = [r for s in split.SPLITS for r in rows[s]]
-    quality = json.loads((root / "metrics/data_quality.json").read_text())
+    quality = json.loads((root / "reports/data_quality.json").read_text())
+    key = json.loads((root / "metrics/data_quality.json").read_text())
+    assert all(not isinstance(v, dict) for v in key.values()) and {"rows_train", "dropped", "duplicates", "leakage_ok",
+                                                                    "truncation_rate", "phi_flagged"} <= set(key)
     assert quality["leakage_ok"] and quality["end_token_trained"] == 1.0
     assert quality["rows_train"] == len(rows["train"]) > 0 and quality["rows_test"] == len(rows["test"]) > 0
     assert all(r["completion"].endswith("<eos>") and r["prompt"] and r["reference"] for r in every)
