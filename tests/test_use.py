@@ -154,6 +154,7 @@ def test_chat_from_a_dvc_experiment_reads_the_adapter_from_the_cache(in_workdir,
     sh(sys.executable, "-m", "dvc", "add", "-q", "models/adapter")
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "adapter")
+    sh("git", "tag", "v1")
     sh(sys.executable, "-m", "dvc", "exp", "save", "-n", "my-exp")
     shutil.rmtree(repo / "models" / "adapter")  # the workspace no longer has it: it must come from the cache
     monkeypatch.chdir(repo)
@@ -161,6 +162,8 @@ def test_chat_from_a_dvc_experiment_reads_the_adapter_from_the_cache(in_workdir,
     result = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "my-exp", QUESTION])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == expected_answer(tiny_model, tiny_adapter, QUESTION, 12).strip()
+    tagged = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "v1", QUESTION])  # any git revision
+    assert tagged.exit_code == 0 and tagged.stdout == result.stdout, tagged.output
     bad = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "no-such-exp", QUESTION])
     assert bad.exit_code == 1 and "no-such-exp: not an experiment" in bad.output and "Traceback" not in bad.output
 
