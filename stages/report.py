@@ -58,6 +58,13 @@ def loss_mask(tok, row: dict, end: str) -> dict:
             "end_trained": len(ids) > n and ids[-1] == tok.convert_tokens_to_ids(end)}
 
 
+def histogram(lengths: np.ndarray, max_length: int) -> dict[str, int]:
+    """Train examples per quarter of max_length, and over it."""
+    edges = [0] + [max_length * k // 4 for k in range(1, 5)]
+    out = {f"{a + 1}-{b}": int(((lengths > a) & (lengths <= b)).sum()) for a, b in zip(edges, edges[1:])}
+    return out | {f">{max_length}": int((lengths > max_length).sum())}
+
+
 def show_mask(tok, row: dict, mask: dict) -> str:
     prompt = tok.decode(mask["ids"][: mask["n_prompt"]])
     trained = "".join(f"⟦{tok.decode([i])}⟧" for i in mask["ids"][mask["n_prompt"]:])
@@ -97,7 +104,8 @@ def run(p: ReportParams, f: FormatParams, m: ModelParams, raw_dir: Path, clean_m
         },
         "tokens_train": {"max_length": f.max_length, "mean": round(float(lengths.mean()), 1),
                          **{f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}, "max": int(lengths.max()),
-                         "over_max_length": tr["over_max_length"], "prompt_boundary_ok": all(x["boundary_ok"] for x in masks)},
+                         "over_max_length": tr["over_max_length"], "prompt_boundary_ok": all(x["boundary_ok"] for x in masks),
+                         "histogram": histogram(lengths, f.max_length)},
         "phi_train": dict(sorted(phi.items())),
         "counts": {field: {s: dict(Counter(str(r[field]) for r in rows[s] if r.get(field) is not None).most_common(TOP)) for s in SPLITS}
                    for field in COUNT_FIELDS if any(field in r for r in train)},
@@ -118,11 +126,12 @@ def run(p: ReportParams, f: FormatParams, m: ModelParams, raw_dir: Path, clean_m
         *(f"| format {s} | {len(rows[s]) + fmt[s]['dropped_too_long']:,} | {len(rows[s]):,} | too long {fmt[s]['dropped_too_long']:,} |" for s in SPLITS),
         "", f"- Duplicates removed: {report['duplicates']:,} (exact and near-duplicate). Changed in place: {c['changed'] or 'none'}.",
         f"- Leakage check (no test question or near-duplicate answer in train): {'passed' if report['leakage_ok'] else 'FAILED'}.",
-        f"- Likely PHI in the input: {c['phi_rows']:,} rows {c['phi'] or ''} (clean.phi = {c['phi_action']}); "
-        f"left in the training examples: {phi_rows:,} {report['phi_train'] or ''}.",
+        f"- Likely PHI in the input: {c['phi_rows']:,} rows {c['phi']} (clean.phi = {c['phi_action']}); "
+        f"left in the training examples: {phi_rows:,} {report['phi_train']}.",
         f"- Train tokens: mean {report['tokens_train']['mean']}, p50 {report['tokens_train']['p50']}, p90 {report['tokens_train']['p90']}, "
         f"max {report['tokens_train']['max']} against max_length {f.max_length}; truncation rate {report['truncation_rate']:.1%} "
         f"(answers cut or examples dropped); end token trained in {report['end_token_trained']:.0%} of train examples.",
+        f"- Train tokens per example: {report['tokens_train']['histogram']}.",
         *(f"- {field}: " + "; ".join(f"{s} {dict(v)}" for s, v in by.items()) for field, by in report["counts"].items()),
         "", "## Examples with the loss mask", "", *examples,
     ])

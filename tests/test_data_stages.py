@@ -374,3 +374,11 @@ def test_format_params_check_the_disclaimer_mapping(tmp_path, tiny_model, monkey
     result = CliRunner().invoke(format_stage.main, ["--in", "in", "--out", "out", "--metrics", "m.json"])
     assert result.exit_code == 1 and "format.disclaimer.position: expected one of 'end', 'start'" in result.output
     assert "format.disclaimer.fraction: missing" in result.output
+
+
+def test_clean_strips_boilerplate_by_regex(tmp_path, tiny_rows):
+    rows = [{"id": str(i), "question": r["question"], "answer": "Key Points - " + r["answer"]} for i, r in enumerate(tiny_rows[:10])]
+    clean.run(clean_params(strip_boilerplate=[r"^Key Points -\s*"], near_dup_threshold=None), write_raw(tmp_path, rows), tmp_path / "clean")
+    out = read_jsonl(tmp_path / "clean" / "records.jsonl")
+    assert out and all(not r["answer"].startswith("Key Points") for r in out)
+    assert {r["answer"] for r in out} <= {clean.normalise(r["answer"]) for r in tiny_rows[:10]}
