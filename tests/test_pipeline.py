@@ -42,7 +42,8 @@ def test_dvc_repro_end_to_end_then_cached_then_eval_only(repo_copy):
 
     params = (repo_copy / "params.yaml").read_text()
     (repo_copy / "params.yaml").write_text(params.replace("max_new_tokens: 8", "max_new_tokens: 6"))
-    assert ran(dvc(repo_copy, "repro")) == {"evaluate_base", "evaluate_tuned"}
+    assert ran(dvc(repo_copy, "repro")) == {"evaluate_base", "evaluate_tuned", "merge"}  # merge: its model card cites the metrics
+    assert "| ROUGE-L F1 |" in (repo_copy / "models/merged/README.md").read_text()
 
 
 def test_dvc_exp_run_compares_two_experiments(repo_copy):
