@@ -3,11 +3,14 @@ baseline, on the same model, data and sequence lengths, in one process (one devi
 
 Run as (GPU):
     python benchmarks/bench_train.py --model /tmp/models/gemma-3-270m --data medquad.jsonl --out results.json
-Add --llama1b to also measure a Llama-3.2-1B-shaped model with random weights (speed does not depend on the
-weights). Both configurations train LoRA r16 on all linear layers, batch 16, max length 512, bf16:
-- baseline: trl's defaults (padded batches, gradient checkpointing on, as trl sets it);
-- medtune:  the `train` stage's own SFTConfig (stages.train.sft_config) with the GPU recipe's params:
-            padding-free batches and no gradient checkpointing.
+Suites (all by default, or --suite NAME): `gemma` (gemma-3-270m, batch 16, max length 512), `llama512` (a
+Llama-3.2-1B-shaped model with random weights: speed does not depend on the weights; batch 16, max length
+512) and `llama2048` (the same shape, batch 8, rows packed to 2048 tokens). In each suite, LoRA r16 on all
+linear layers, bf16:
+- baseline: trl's defaults (padded batches, or packed rows in llama2048; gradient checkpointing on and LoRA
+            dropout 0.05, as trl and peft set them);
+- medtune:  the `train` stage's own SFTConfig (stages.train.sft_config) with `recipes/gpu.yaml`'s params;
+- variants: the recipe with some params changed (--variant NAME=JSON).
 Reported per run: non-padding tokens/s, padding share, MFU, peak GPU memory, seconds per step, loss.
 MFU = tokens/s x (4 N_frozen + 6 N_lora + 6 L s d_attn) / 989e12, where N counts matmul parameters
 (the tied LM head once), s is the mean real sequence length and d_attn = heads x head_dim: a forward pass is
@@ -25,7 +28,8 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: import the project's stages
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from anywhere: import the project's stages
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak, H100 SXM (vendor datasheet)
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -34,16 +38,18 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
 
 
 def tokenized_pool(data: Path, tok, n: int, max_answer_tokens: int, vocab_cap: int | None = None) -> list[dict]:
-    """MedQuAD rows rendered exactly as the format stage does (same template, same answer cut), tokenized as trl
-    tokenizes prompt/completion pairs. `vocab_cap` folds ids into a smaller vocabulary for a model of another shape
-    (speed depends on shapes and lengths, not on which ids they are)."""
-    from stages.common import read_jsonl
-    from stages.format import cut_answer, render
+    """MedQuAD rows rendered exactly as the format stage does (params.yaml's format section: same template, same
+    answer cut), tokenized as trl tokenizes prompt/completion pairs. `vocab_cap` folds ids into a smaller
+    vocabulary for a model of another shape (speed depends on shapes and lengths, not on which ids they are)."""
+    from stages.common import parse_section, read_jsonl, read_params_file
+    from stages.format import FormatParams, format_row
 
+    fmt, errs = parse_section(read_params_file(REPO / "params.yaml")["format"], "format", FormatParams)
+    assert not errs, errs
     rows = []
-    for r in read_jsonl(data)[:n]:
-        answer, _ = cut_answer(tok, r["answer"], max_answer_tokens)
-        prompt, completion = render(tok, "", r["question"], answer)
+    for i, r in enumerate(read_jsonl(data)[:n]):
+        out = format_row(tok, fmt, {"id": str(i), "question": r["question"], "answer": r["answer"]}, max_answer_tokens)
+        prompt, completion = out["prompt"], out["completion"]
         n_prompt = len(tok(prompt)["input_ids"])
         ids = tok(prompt + completion)["input_ids"]
         if vocab_cap:
@@ -91,7 +97,8 @@ def matmul_params(model) -> int:
     return n
 
 
-def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmup: int) -> dict:
+def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmup: int, quantization: str = "none",
+            cudnn_sdp: bool = True) -> dict:
     import datasets
     import torch
     from trl import SFTTrainer
@@ -100,7 +107,9 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = model_fn()
+        # cuDNN's SDPA kernel builds a plan per new shape (seconds each); off, SDPA uses the other fused kernels
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+    model = model_fn(quantization)
     timer = StepTimer(warmup)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=peft_config, callbacks=[timer.callback])
@@ -130,11 +139,24 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "n_frozen_matmul_params": n_frozen,
         "n_lora_params": n_lora,
         "timed_steps": timer.steps,
+        "quantization": quantization,
+        "cudnn_sdp": cudnn_sdp,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "packing": args.packing,
+        "max_length": args.max_length,
     }
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
+        torch.backends.cuda.enable_cudnn_sdp(True)
     return result
+
+
+SUITES = {  # name -> (model, batch size, max length, packing)
+    "gemma": ("gemma-3-270m (real weights)", 16, 512, False),
+    "llama512": ("Llama-3.2-1B shape (random weights)", 16, 512, False),
+    "llama2048": ("Llama-3.2-1B shape (random weights), packed 2048-token rows", 8, 2048, True),
+}
 
 
 @click.command()
@@ -143,11 +165,12 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--steps", default=30, show_default=True, help="timed steps after the warm-up")
 @click.option("--warmup", default=5, show_default=True)
-@click.option("--llama1b/--no-llama1b", default=True, help="also a Llama-3.2-1B-shaped model with random weights")
+@click.option("--suite", "suites", multiple=True, type=click.Choice(list(SUITES)), help="default: all of them")
 @click.option("--template", default="gemma3_base", show_default=True, help="chat template in stages/templates/")
 @click.option("--variant", "variants", multiple=True,
-              help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, e.g. bs64={"batch_size": 64}')
-def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, llama1b: bool, template: str,
+              help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, plus "cudnn_sdp": false; '
+                   'e.g. bs64={"batch_size": 64}; a NAME starting with "llama:" or "gemma:" runs only in that suite')
+def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites: tuple[str, ...], template: str,
          variants: tuple[str, ...]) -> None:
     import torch
     from peft import LoraConfig
@@ -155,69 +178,73 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, llama1
     from trl import SFTConfig
 
     from stages import train
-    from stages.common import read_params_file, parse_section
-    from stages.modeling import ModelParams, end_of_turn, load_tokenizer, versions
+    from stages.common import parse_section, read_params_file
+    from stages.modeling import ModelParams, device_name, end_of_turn, load_tokenizer, versions
 
     m = ModelParams(base=str(model_dir), revision=None, chat_template=template, trust_remote_code=False)
     tok = load_tokenizer(model_dir, m)
-    n_rows = 16 * (steps + warmup + 2)
-    rows = tokenized_pool(data, tok, n_rows, max_answer_tokens=448)
-    repo = Path(__file__).resolve().parent.parent
-    section = read_params_file(repo / "params.yaml")["train"] | read_params_file(repo / "recipes" / "gpu.yaml")["train"]
+    eot = end_of_turn(tok)
+    section = read_params_file(REPO / "params.yaml")["train"] | read_params_file(REPO / "recipes" / "gpu.yaml")["train"]
     recipe, errs = parse_section(section, "train", train.TrainParams)
     assert not errs, errs
-    recipe = dataclasses.replace(recipe, max_steps=steps + warmup, batch_size=16, grad_accum=1, save_steps=0, eval_steps=0)
     cuda = torch.cuda.is_available()
-    common = dict(max_steps=steps + warmup, per_device_train_batch_size=16, learning_rate=2e-4, bf16=cuda, use_cpu=not cuda,
-                  report_to="none", logging_steps=1, save_strategy="no", include_num_input_tokens_seen="non_padding",
-                  max_length=512, seed=0, data_seed=0, completion_only_loss=True)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    dev = "cuda" if cuda else "cpu"
+    fields = {f.name for f in dataclasses.fields(train.TrainParams)}
 
-    def configs(tag: str, eot: str):
-        baseline = SFTConfig(output_dir=f"/tmp/bench-{tag}-baseline", **common)  # trl defaults otherwise
-        ours = train.sft_config(recipe, seed=0, ckpt_dir=Path(f"/tmp/bench-{tag}-medtune"), eot=eot, cuda=cuda)
-        ours.logging_steps = 1
-        ours.completion_only_loss = True  # pre-tokenized rows carry a completion_mask, as in the baseline
-        runs = [("baseline: trl defaults", baseline, lora), ("medtune", ours, train.lora_config(recipe))]
-        for spec in variants:  # what-if runs: the recipe with some params or SFTConfig fields changed
-            name, changes = spec.split("=", 1)
-            changes = json.loads(changes)
-            fields = {f.name for f in dataclasses.fields(train.TrainParams)}
-            p = dataclasses.replace(recipe, **{k: v for k, v in changes.items() if k in fields})
-            cfg = train.sft_config(p, seed=0, ckpt_dir=Path(f"/tmp/bench-{tag}-{name}"), eot=eot, cuda=cuda)
-            cfg.logging_steps, cfg.completion_only_loss = 1, True
+    def runs_for(suite: str, bs: int, max_length: int, packing: bool):
+        """(name, SFTConfig, LoraConfig, quantization, cudnn_sdp) for the baseline, the recipe and the variants."""
+        base_kw = dict(max_steps=steps + warmup, per_device_train_batch_size=bs, learning_rate=2e-4, bf16=cuda,
+                       use_cpu=not cuda, report_to="none", logging_steps=1, save_strategy="no", seed=0, data_seed=0,
+                       include_num_input_tokens_seen="non_padding", max_length=max_length, packing=packing,
+                       completion_only_loss=True)
+        baseline = SFTConfig(output_dir=f"/tmp/bench-{suite}-baseline", **base_kw)  # trl's defaults otherwise
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+        ours_p = dataclasses.replace(recipe, max_steps=steps + warmup, batch_size=bs, grad_accum=1, save_steps=0, eval_steps=0,
+                                     max_length=max_length, packing=packing)
+        out = [("baseline: trl defaults", baseline, lora, "none", True)]
+        specs = [("medtune", {})] + [tuple(v.split("=", 1)) for v in variants]
+        for name, changes in specs:
+            changes = json.loads(changes) if isinstance(changes, str) else changes
+            if ":" in name and not suite.startswith(name.split(":")[0]):
+                continue
+            p = dataclasses.replace(ours_p, **{k: v for k, v in changes.items() if k in fields})
+            cfg = train.sft_config(p, seed=0, ckpt_dir=Path(f"/tmp/bench-{suite}-{name}"), eot=eot, cuda=cuda)
+            cfg.logging_steps, cfg.completion_only_loss = 1, True  # pre-tokenized rows carry a completion_mask
             for k, v in changes.items():
-                if k not in fields:
+                if k not in fields and k != "cudnn_sdp":
                     setattr(cfg, k, v)
-            if p.batch_size != 16:
-                cfg.max_steps = steps + warmup
-            runs.append((f"medtune {name}: {json.dumps(changes)}", cfg, train.lora_config(p)))
-        return runs
+            label = name if not changes else f"medtune {name}: {json.dumps(changes)}"
+            out.append((label, cfg, train.lora_config(p), p.quantization, changes.get("cudnn_sdp", True)))
+        return out
 
-    from stages.modeling import device_name
+    def gemma(quantization: str):
+        if quantization == "none":
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(dev)
+        q = train.quantization_config(dataclasses.replace(recipe, quantization=quantization))
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=q, device_map={"": 0})
+
+    def llama(quantization: str):
+        assert quantization == "none", "the random-weight Llama shape is measured unquantized"
+        torch.manual_seed(0)
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
+        with torch.device(dev):  # initialised on the GPU in bf16: seconds, not a minute on the CPU
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B))
+        torch.set_default_dtype(dtype)
+        return model
 
     results = {"device": device_name(), "versions": versions(), "command": " ".join(sys.argv),
                "recipe": dataclasses.asdict(recipe), "runs": []}
-    dev = "cuda" if cuda else "cpu"
-    gemma = lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(dev)  # noqa: E731
-    rows = rows * 4  # enough rows for variants with larger batches
-    for name, cfg, peft_cfg in configs("gemma", end_of_turn(tok)):
-        r = run_one(name, gemma, tok, rows, cfg, peft_cfg, steps, warmup)
-        results["runs"].append({"model": "gemma-3-270m (real weights)"} | r)
-        click.echo(json.dumps(results["runs"][-1]), err=True)
-    if llama1b:
-        # Llama-3.2-1B shape (its 128k vocabulary), random weights; the same rows with ids folded into 128k
-        llama_rows = tokenized_pool(data, tok, n_rows, max_answer_tokens=448, vocab_cap=LLAMA_1B["vocab_size"])
-
-        def llama():
-            torch.manual_seed(0)
-            return LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16 if cuda else torch.float32).to(dev)
-
-        for name, cfg, peft_cfg in configs("llama", end_of_turn(tok)):
-            r = run_one(name, llama, tok, llama_rows * 4, cfg, peft_cfg, steps, warmup)
-            results["runs"].append({"model": "Llama-3.2-1B shape (random weights)"} | r)
+    for suite in suites or list(SUITES):
+        label, bs, max_length, packing = SUITES[suite]
+        need = 4 * bs * (steps + warmup + 2) * (max_length // 512 if packing else 1)  # packed rows hold ~4-6 examples
+        cap = None if suite == "gemma" else LLAMA_1B["vocab_size"]
+        rows = tokenized_pool(data, tok, need, max_answer_tokens=448, vocab_cap=cap)
+        for name, cfg, peft_cfg, quant, cudnn in runs_for(suite, bs, max_length, packing):
+            r = run_one(name, gemma if suite == "gemma" else llama, tok, rows, cfg, peft_cfg, steps, warmup, quant, cudnn)
+            results["runs"].append({"suite": suite, "model": label} | r)
             click.echo(json.dumps(results["runs"][-1]), err=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+            out.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a cut-off call keeps what it measured
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from stages.common import (
     write_json,
     write_text_atomic,
 )
+from stages.format import FormatParams
 from stages.modeling import ModelParams, device, load_model, load_tokenizer, resolve_base, stop_token_ids
 
 log = logging.getLogger("medtune.evaluate")
@@ -337,9 +338,10 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
 def main(data_dir: Path, adapter: Path | None, baseline: Path | None, out_dir: Path, metrics_file: Path) -> None:
     setup_logging()
     with cli_errors():
-        base, m, p = load_params(("base", BaseParams), ("model", ModelParams), ("evaluate", EvaluateParams))
+        base, m, f, p = load_params(("base", BaseParams), ("model", ModelParams), ("format", FormatParams), ("evaluate", EvaluateParams))
         log_params("evaluate", p)
-        metrics = run(p, m, base, data_dir, out_dir, adapter, baseline)
+        # the disclaimer rate is measured whether or not training added it (off: the rate the data has)
+        metrics = run(p, m, base, data_dir, out_dir, adapter, baseline, disclaimer=f.disclaimer.text)
         write_json(metrics_file, metrics)
     log.info("%s: rougeL %.4f %s (n=%d)", "tuned" if adapter else "base", metrics["rougeL"], metrics["rougeL_ci"], metrics["n"])
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 OUTPUTS = ["data/raw/manifest.json", "data/clean/records.jsonl", "data/split/test.jsonl", "data/formatted/train.jsonl",
            "models/adapter/adapter_model.safetensors", "metrics/eval_base.json", "metrics/eval_tuned.json",
-           "eval/tuned/predictions.jsonl", "models/merged/model.safetensors", "metrics/merge.json"]
+           "eval/tuned/predictions.jsonl", "models/merged/model.safetensors", "metrics/merge.json",
+           "metrics/lineage.json", "metrics/data_quality.json", "reports/data_quality.md"]
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -31,7 +32,7 @@ def ran(output: str) -> set[str]:
 
 def test_dvc_repro_end_to_end_then_cached_then_eval_only(repo_copy):
     out = dvc(repo_copy, "repro")
-    assert ran(out) == {"fetch", "clean", "split", "format", "train", "evaluate_base", "evaluate_tuned", "merge"}
+    assert ran(out) == {"fetch", "clean", "split", "format", "train", "evaluate_base", "evaluate_tuned", "merge", "report"}
     for f in OUTPUTS:
         assert (repo_copy / f).exists(), f
     assert json.loads((repo_copy / "metrics/merge.json").read_text())["passed"]
