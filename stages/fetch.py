@@ -56,6 +56,7 @@ LETTERS = string.ascii_uppercase
 class Source:
     source: str  # a repo-relative file or folder, or "hf:<dataset id>"
     revision: str | None  # required for hf: sources (commit sha or tag)
+    subset: str | None  # a hub dataset's configuration (subset) name; None: its default
     split: str  # which split of a hub / saved dataset
     columns: dict[str, str]  # canonical field -> source column
     id_column: str | None  # None: ids are "<split>/<row number>"
@@ -68,6 +69,8 @@ class Source:
                        "or messages for dialogue); canonical field -> source column")
         if self.source.startswith("hf:") and not self.revision:
             out.append("revision: a hub dataset needs a pinned revision (commit sha or tag)")
+        if self.subset is not None and not self.source.startswith("hf:"):
+            out.append("subset: only hub datasets (hf:...) have subsets; set null")
         return out
 
 
@@ -76,7 +79,7 @@ class FetchParams(Source):
     option_columns: list[str]  # multiple choice: one option per column, lettered A, B, ... ([]: none)
     fixed_options: list[str]  # the same options for every row, e.g. [yes, no, maybe] ([]: none)
     answer_key: Literal["letter", "index0", "index1", "text"]  # how the `correct` column names the option
-    mix: list[dict]  # more sources appended, each {source, revision, split, columns, id_column}
+    mix: list[dict]  # more sources appended, each {source, revision, subset, split, columns, id_column}
     max_rows: int | None  # seeded random subset of all sources together; None keeps every row
 
     def problems(self) -> list[str]:
@@ -116,10 +119,10 @@ def load_rows(s: Source) -> list[dict]:
 
     if s.source.startswith("hf:"):
         try:
-            return datasets.load_dataset(s.source[3:], revision=s.revision, split=s.split).to_list()
+            return datasets.load_dataset(s.source[3:], s.subset, revision=s.revision, split=s.split).to_list()
         except Exception as e:  # offline, unknown id, unknown revision
             raise MedtuneError(
-                f"fetch.source {s.source!r} @ {s.revision}: could not load ({type(e).__name__}: {e}). "
+                f"fetch.source {s.source!r} ({s.subset or 'default subset'}) @ {s.revision}: could not load ({type(e).__name__}: {e}). "
                 "Without network, save it with `datasets.save_to_disk` and point fetch.source at that folder."
             ) from None
     path = Path(s.source)
@@ -207,7 +210,7 @@ def run(p: FetchParams, base: BaseParams, out_dir: Path) -> dict:
         rows = load_rows(s)
         if not rows:
             raise MedtuneError(f"{s.source}: no records")
-        name = s.source.removeprefix("hf:").rstrip("/").split("/")[-1].rsplit(".", 1)[0]
+        name = s.subset or s.source.removeprefix("hf:").rstrip("/").split("/")[-1].rsplit(".", 1)[0]
         recs = to_records(rows, s, p, prefix=f"{name}/" if p.mix else "")
         if p.mix:
             recs = [r | {"collection": name} for r in recs]

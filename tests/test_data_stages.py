@@ -21,7 +21,7 @@ DISCLAIMER = {"enabled": False, "text": "Not medical advice; see a clinician.", 
 
 
 def fetch_params(source, **kw) -> fetch.FetchParams:
-    return fetch.FetchParams(**{"source": str(source), "revision": None, "split": "train", "columns": COLUMNS,
+    return fetch.FetchParams(**{"source": str(source), "revision": None, "subset": None, "split": "train", "columns": COLUMNS,
                                 "id_column": "id", "option_columns": [], "fixed_options": [], "answer_key": "letter",
                                 "mix": [], "max_rows": None} | kw)
 
@@ -81,6 +81,8 @@ def test_fetch_subset_is_seeded(tmp_path):
 def test_fetch_hub_source_offline_says_how_to_provide_it(tmp_path):
     with pytest.raises(MedtuneError, match="save_to_disk"):
         fetch.run(fetch_params("hf:nobody/no-such-dataset", revision="abc123"), BASE, tmp_path / "raw")
+    with pytest.raises(MedtuneError, match=r"'hf:nobody/aggregate' \(chatdoctor\) @ abc123: could not load"):
+        fetch.run(fetch_params("hf:nobody/aggregate", revision="abc123", subset="chatdoctor"), BASE, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
@@ -253,7 +255,7 @@ def test_fetch_malformed_xml_names_the_file_and_line(tmp_path):
 
 def test_fetch_mix_entry_problems_name_the_entry(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    entry = {"source": "x.jsonl", "revision": None, "split": "train", "id_column": None, "columns": {"q": "question"}}
+    entry = {"source": "x.jsonl", "revision": None, "subset": None, "split": "train", "id_column": None, "columns": {"q": "question"}}
     write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.mix": [entry, {"source": "y.jsonl"}]})
     result = CliRunner().invoke(fetch.main, ["--out", "raw"])
     assert result.exit_code == 1 and "fetch.mix[0].columns: map question and answer" in result.output
