@@ -388,3 +388,17 @@ def test_push_without_dry_run_fails_in_one_line_when_the_hub_is_unreachable(in_w
     no_card = CliRunner().invoke(push.main, ["--adapter", str(merged), "--repo-id", "me/x", "--dry-run"])
     assert no_card.exit_code == 2 and "--adapter needs --eval-base, --eval-tuned, --data-card" in no_card.output
 
+
+
+def test_use_params_are_checked_all_at_once(tiny_model):
+    from stages.validate import check_all
+
+    p = tiny_params(tiny_model)
+    p["chat"].update(max_new_tokens=0, temperature=-1)
+    p["serve"]["max_request_bytes"] = 10
+    p["ui"]["examples"] = []
+    p["card"]["licence"] = "mit"
+    problems = check_all(p)
+    for want in ("chat.max_new_tokens: must be >= 1", "chat.temperature: must be >= 0", "serve.max_request_bytes: must be >= 1024",
+                 "ui.examples: give at least one question", "card.licence: unknown key (did you mean 'card.license'?)"):
+        assert any(want in x for x in problems), (want, problems)
