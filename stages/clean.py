@@ -150,7 +150,7 @@ def check_row(row: dict, p: CleanParams) -> tuple[dict | None, str]:
         if not isinstance(opts, dict) or len(opts) < 2 or not all(isinstance(v, str) and normalise(v) for v in opts.values()):
             return None, "bad_options"
         row["options"] = {k: normalise(v) for k, v in opts.items()}
-        if row["correct"] not in row["options"]:
+        if not isinstance(row["correct"], str) or row["correct"] not in row["options"]:
             return None, "bad_correct_option"
         row["answer"] = row["options"][row["correct"]]
     for field in TEXT_FIELDS:
@@ -208,6 +208,8 @@ def run(p: CleanParams, in_dir: Path, out_dir: Path) -> dict:
             row = {k: mask_phi(v) if k in TEXT_FIELDS and isinstance(v, str) else v for k, v in row.items()}
             if "messages" in row:
                 row["messages"] = [m | {"content": mask_phi(m["content"])} for m in row["messages"]]
+            if "options" in row:
+                row["options"] = {k: mask_phi(v) for k, v in row["options"].items()}
             changed["phi_masked"] += 1
         if row.get("explanation") and "correct" in row and explanation_repeats_choice(row, p):
             row["explanation"] = ""
