@@ -166,6 +166,10 @@ def test_chat_from_a_dvc_experiment_reads_the_adapter_from_the_cache(in_workdir,
     assert tagged.exit_code == 0 and tagged.stdout == result.stdout, tagged.output
     bad = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "no-such-exp", QUESTION])
     assert bad.exit_code == 1 and "no-such-exp: not an experiment" in bad.output and "Traceback" not in bad.output
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(Path(os.environ["MEDTUNE_CACHE"]) / "revs")
+    gone = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "my-exp", QUESTION])
+    assert gone.exit_code == 1 and "models/adapter is not in the DVC cache" in gone.output and "dvc pull" in gone.output
 
 
 @pytest.mark.parametrize("args, code, message", [
