@@ -6,7 +6,7 @@ only in `base.seed` are one row, reported as mean ± std over the seeds.
 Not a DVC stage: it reads the experiments DVC recorded. Run as:
     python -m stages.compare --out reports/compare      # runs `dvc exp show --json --param-deps` itself
     dvc exp show --json --param-deps -A > exps.json && python -m stages.compare --exps exps.json --out reports/compare
-(--param-deps: only the params some stage depends on, so `check:` and the like are not compared.)
+Only the params sections that dvc.yaml's stages depend on are compared (not `check:`, `ui:`, ...).
 Reads params `compare`. Writes compare.md, compare.csv and deltas.png (the deltas with their CIs) to --out.
 """
 
@@ -54,9 +54,25 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def runs_from_show(shown, source: str, files: dict[str, str]) -> tuple[list[dict], dict[str, int]]:
-    """One dict per finished run (baseline commits and their experiments) with its flattened params and
-    the metrics files named in `files`; returns (runs, skipped counts by reason)."""
+def stage_sections(pipeline: Path) -> set[str]:
+    """The params.yaml sections some stage depends on: only these are compared (not `check:`, `ui:`, ...)."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(pipeline.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MedtuneError(f"{pipeline}: cannot read the stages ({e})") from None
+    out = set()
+    for stage in stages.values():
+        for item in stage.get("params") or []:
+            keys = [item] if isinstance(item, str) else [k for v in item.values() for k in v or []]
+            out |= {k.split(".")[0] for k in keys}
+    return out
+
+
+def runs_from_show(shown, source: str, files: dict[str, str], sections: set[str]) -> tuple[list[dict], dict[str, int]]:
+    """One dict per finished run (baseline commits and their experiments) with its flattened params (the
+    `sections` only) and the metrics files named in `files`; returns (runs, skipped counts by reason)."""
     if not isinstance(shown, list):
         raise MedtuneError(f"{source}: expected the list that `dvc exp show --json` prints")
     entries = []
@@ -80,7 +96,7 @@ def runs_from_show(shown, source: str, files: dict[str, str]) -> tuple[list[dict
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if not params:
             raise MedtuneError(f"{source}: run {name}: no params.yaml params recorded")
-        runs.append({"name": name, "rev": rev, "params": flatten(params),
+        runs.append({"name": name, "rev": rev, "params": flatten({k: v for k, v in params.items() if k in sections}),
                      **{key: full_metrics(rev, path, name) for key, path in files.items()}})
     same = lambda a, b: a["params"] == b["params"] and a["eval_tuned"] == b["eval_tuned"]  # noqa: E731
     # the workspace usually repeats HEAD's run: keep it only when it differs from every commit and experiment
@@ -184,7 +200,7 @@ def markdown(rows: list[dict], p: CompareParams) -> str:
     ]
     for r in rows:
         name = r["run"] + (" ★" if r["best"] else " (tied)" if r["tied_with_best"] else "")
-        cells = [f"`{r['base_model']}`", str(r["revision"]), name, r["changed_params"] or "-",
+        cells = [f"`{r['base_model']}`", str(r["revision"] or "-"), name, r["changed_params"] or "-",
                  ", ".join(map(str, r["seeds"])), str(r["n_test"]), fmt(r, "base"), fmt(r, "tuned"),
                  fmt(r, "delta", signed=True), "yes" if r["within_noise"] else "no", f"{r['tokens_per_s']:,.1f}",
                  f"{r['peak_memory_mb']:,.0f}"]
@@ -226,8 +242,8 @@ def plot(rows: list[dict], p: CompareParams, png: Path) -> None:
     plt.close(fig)
 
 
-def run(p: CompareParams, shown, source: str, files: dict[str, str], out_dir: Path) -> dict:
-    runs, skipped = runs_from_show(shown, source, files)
+def run(p: CompareParams, shown, source: str, files: dict[str, str], sections: set[str], out_dir: Path) -> dict:
+    runs, skipped = runs_from_show(shown, source, files, sections)
     rows = compare(runs, p, source)
     with atomic_dir(out_dir) as tmp:
         write_text_atomic(tmp / "compare.md", markdown(rows, p))
@@ -249,10 +265,12 @@ def exp_show_json() -> list:
 @click.option("--exps", "exps_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="saved `dvc exp show --json --param-deps` output; default: run it in the current repository")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--pipeline", default="dvc.yaml", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the params sections its stages depend on are compared")
 @click.option("--eval-base", default="metrics/eval_base.json", show_default=True, help="metrics file as named in dvc.yaml")
 @click.option("--eval-tuned", default="metrics/eval_tuned.json", show_default=True, help="metrics file as named in dvc.yaml")
 @click.option("--train", "train_metrics", default="metrics/train.json", show_default=True, help="metrics file as named in dvc.yaml")
-def main(exps_file: Path | None, out_dir: Path, eval_base: str, eval_tuned: str, train_metrics: str) -> None:
+def main(exps_file: Path | None, out_dir: Path, pipeline: Path, eval_base: str, eval_tuned: str, train_metrics: str) -> None:
     setup_logging()
     with cli_errors():
         (p,) = load_params(("compare", CompareParams))
@@ -265,7 +283,8 @@ def main(exps_file: Path | None, out_dir: Path, eval_base: str, eval_tuned: str,
                 shown = json.loads(exps_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise MedtuneError(f"{exps_file}:{e.lineno}: malformed JSON ({e.msg})") from None
-        summary = run(p, shown, source, {"eval_base": eval_base, "eval_tuned": eval_tuned, "train": train_metrics}, out_dir)
+        files = {"eval_base": eval_base, "eval_tuned": eval_tuned, "train": train_metrics}
+        summary = run(p, shown, source, files, stage_sections(pipeline), out_dir)
     log.info("compared %d runs in %d rows (skipped: %s); best: %s; wrote %s", summary["runs"], summary["rows"],
              summary["skipped"] or "none", summary["best"], out_dir)
 

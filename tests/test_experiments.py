@@ -80,6 +80,7 @@ def write_params(path: Path, **sections) -> None:
 def test_compare_errors_name_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     (tmp_path / "exps.json").write_text('[{"rev": "workspace",\n "data": }]')
     result = CliRunner().invoke(compare.main, ["--exps", "exps.json", "--out", "out"])
     assert result.exit_code == 1 and "exps.json:2: malformed JSON" in result.output
