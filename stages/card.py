@@ -22,7 +22,13 @@ from pathlib import Path
 import click
 import yaml
 
-from stages.common import MedtuneError, cli_errors, load_params, setup_logging, write_text_atomic
+from stages.common import (
+    MedtuneError,
+    cli_errors,
+    load_params,
+    setup_logging,
+    write_text_atomic,
+)
 from stages.format import FormatParams
 
 log = logging.getLogger("medtune.card")
@@ -65,7 +71,7 @@ def data_facts(path: Path) -> dict[str, str]:
         raise MedtuneError(f"{path}: data card not found")
     text = path.read_text(encoding="utf-8")
     facts = {}
-    for m in re.finditer(r"^- \*\*([^*]+?):\*\*\s*(.*?)(?=^\S|\Z)", text, flags=re.M | re.S):
+    for m in re.finditer(r"^- \*\*([^*]+?):\*\*\s*(.*?)(?=^\S|\Z)", text, flags=re.MULTILINE | re.DOTALL):
         facts[m.group(1).strip()] = " ".join(m.group(2).split())
     missing = [f for f in ("Source", "License") if f not in facts]
     if missing:
@@ -108,7 +114,7 @@ def model_card(model_dir: Path, kind: str, inp: CardInputs) -> str:
     rc = read_json(rc_path)
     params, identity = metric(rc, "params", rc_path), metric(rc, "base_model", rc_path)
     base_name = inp.params.base_model_hub_id or identity.get("base", "?")
-    table, base_m, tuned_m = eval_table(inp)
+    table, _, tuned_m = eval_table(inp)
     facts = data_facts(inp.data_card)
     train = params.get("train", {})
     meta = {"license": inp.params.license, "language": [inp.params.language], "pipeline_tag": "text-generation",

@@ -23,14 +23,29 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
-from stages.common import MedtuneError, cli_errors, load_params, parse_section, read_params_file, setup_logging
+from stages.common import (
+    MedtuneError,
+    cli_errors,
+    load_params,
+    parse_section,
+    read_params_file,
+    setup_logging,
+)
 from stages.format import FormatParams, render
-from stages.modeling import ModelParams, cache_dir, load_model, load_tokenizer, resolve_base, stop_token_ids
+from stages.modeling import (
+    ModelParams,
+    cache_dir,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+    stop_token_ids,
+)
 
 log = logging.getLogger("medtune.chat")
 DISCLAIMER = ("Not medical advice: answers come from a small research model and can be wrong or outdated. "
@@ -195,7 +210,11 @@ class Answer:
 
     def __iter__(self) -> Iterator[str]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import (
+            StoppingCriteria,
+            StoppingCriteriaList,
+            TextIteratorStreamer,
+        )
 
         class Cancelled(StoppingCriteria):
             def __init__(self, event: threading.Event):

@@ -24,10 +24,20 @@ from pathlib import Path
 from typing import Literal
 
 import click
-from fastapi import Request  # at module level: FastAPI resolves the endpoint's annotations from here
+from fastapi import (
+    Request,  # at module level: FastAPI resolves the endpoint's annotations from here
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages.chat import DISCLAIMER, Answer, ChatModel, ChatParams, RequestError, load_base, load_tuned
+from stages.chat import (
+    DISCLAIMER,
+    Answer,
+    ChatModel,
+    ChatParams,
+    RequestError,
+    load_base,
+    load_tuned,
+)
 from stages.common import MedtuneError, cli_errors, load_params, setup_logging
 
 log = logging.getLogger("medtune.serve")

@@ -20,7 +20,15 @@ from pathlib import Path
 
 import click
 
-from stages.chat import DISCLAIMER, Answer, ChatModel, ChatParams, RequestError, load_base, load_tuned
+from stages.chat import (
+    DISCLAIMER,
+    Answer,
+    ChatModel,
+    ChatParams,
+    RequestError,
+    load_base,
+    load_tuned,
+)
 from stages.common import cli_errors, load_params, setup_logging
 
 log = logging.getLogger("medtune.ui")

@@ -17,7 +17,14 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.test_use import QUESTION, expected_answer, start_server, stop_server, tiny_adapter, workdir  # noqa: F401
+from tests.test_use import (  # noqa: F401
+    QUESTION,
+    expected_answer,
+    start_server,
+    stop_server,
+    tiny_adapter,
+    workdir,
+)
 
 ARTIFACTS = REPO / "test-artifacts"
 NEW_TOKENS = 48

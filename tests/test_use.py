@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import shutil
 import yaml
 from click.testing import CliRunner
 
