@@ -93,6 +93,17 @@ class FetchParams(Source):
         return out
 
 
+def check_utf8(path: Path) -> None:
+    """Name the line of the first non-UTF-8 byte: the file was probably saved in another encoding."""
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MedtuneError(f"{path}: not UTF-8 text at line {n}, byte {e.start + 1} ({e.reason}); "
+                                   "re-save it as UTF-8") from None
+
+
 def read_medquad_xml(folder: Path) -> list[dict]:
     """MedQuAD's own layout: <Document id source url><Focus/>...<QAPairs><QAPair pid><Question qid qtype/><Answer/>."""
     rows = []
@@ -145,6 +156,7 @@ def load_rows(s: Source) -> list[dict]:
     if path.stat().st_size == 0:
         raise MedtuneError(f"{path}: file is empty")
     if kind == "json":
+        check_utf8(path)
         return read_jsonl(path)  # exact line numbers for malformed lines; no type coercion across rows
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train").to_list()

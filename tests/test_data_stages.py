@@ -384,3 +384,12 @@ def test_clean_strips_boilerplate_by_regex(tmp_path, tiny_rows):
     out = read_jsonl(tmp_path / "clean" / "records.jsonl")
     assert out and all(not r["answer"].startswith("Key Points") for r in out)
     assert {r["answer"] for r in out} <= {clean.normalise(r["answer"]) for r in tiny_rows[:10]}
+
+
+def test_fetch_non_utf8_names_the_line(tmp_path, tiny_rows):
+    src = tmp_path / "mixed.jsonl"
+    good = "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in tiny_rows[:3])
+    src.write_bytes(good.encode() + '{"question": "Qu\'est-ce que la fi\xe8vre ?", "answer": "x"}\n'.encode("latin-1"))
+    with pytest.raises(MedtuneError, match=r"mixed.jsonl: not UTF-8 text at line 4, byte 27 \(invalid continuation byte\)"):
+        fetch.run(fetch_params(src, id_column=None, columns={"question": "question", "answer": "answer"}), BASE, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
