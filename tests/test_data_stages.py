@@ -390,6 +390,6 @@ def test_fetch_non_utf8_names_the_line(tmp_path, tiny_rows):
     src = tmp_path / "mixed.jsonl"
     good = "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in tiny_rows[:3])
     src.write_bytes(good.encode() + '{"question": "Qu\'est-ce que la fi\xe8vre ?", "answer": "x"}\n'.encode("latin-1"))
-    with pytest.raises(MedtuneError, match=r"mixed.jsonl: not UTF-8 text at line 4, byte 27 \(invalid continuation byte\)"):
+    with pytest.raises(MedtuneError, match=r"mixed.jsonl: not UTF-8 text at line 4, byte 34 \(invalid continuation byte\)"):
         fetch.run(fetch_params(src, id_column=None, columns={"question": "question", "answer": "answer"}), BASE, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
