@@ -176,3 +176,14 @@ def check_mixed(root, rows, every, quality):
 
 
 CHECKS = {name: globals()[f"check_{name}"] for name in SHAPES}
+
+
+def test_report_figures_show_in_dvc_exp_show(repo_copy):
+    """`dvc repro report` runs only the data stages; `dvc exp show` lists the report's key figures."""
+    from tests.test_pipeline import dvc, ran
+
+    assert ran(dvc(repo_copy, "repro", "report")) == {"fetch", "clean", "split", "format", "report"}
+    shown = json.dumps(json.loads(dvc(repo_copy, "exp", "show", "--json")))
+    for key in ("rows_train", "dropped", "duplicates", "leakage_ok", "truncation_rate", "phi_flagged"):
+        assert f'"{key}"' in shown, key
+    assert "metrics/data_quality.json" in shown and (repo_copy / "reports/data_quality.md").exists()
