@@ -124,7 +124,7 @@ def plain_prompt(p: FormatParams, row: dict, history: list[dict]) -> str:
         turns = [(m["role"], m["content"]) for m in history if m["role"] != "system"] or [("user", user_text(row))]
         body = "".join(f"### {'Question' if r == 'user' else 'Answer'}:\n{c}\n\n" for r, c in turns)
         return "\n\n".join(head + [body + "### Answer:\n"])
-    if len(history) > 2 or (history and history[0]["role"] != "user"):
+    if any(m["role"] == "assistant" for m in history):
         raise MedtuneError(f"format.template={p.template}: row {row['id']!r} is a multi-turn dialogue; use chat or qa")
     if p.template == "mcq":
         if not row.get("options"):
@@ -142,7 +142,8 @@ def chat_messages(p: FormatParams, row: dict) -> list[dict]:
     """The conversation up to the answer: the row's earlier turns, or the system prompt and the question."""
     if row.get("messages"):
         msgs = row["messages"][:-1]
-        return msgs if any(m["role"] == "system" for m in msgs) or not p.system_prompt else [{"role": "system", "content": p.system_prompt}] + msgs
+        has_system = any(m["role"] == "system" for m in msgs)
+        return msgs if has_system or not p.system_prompt else [{"role": "system", "content": p.system_prompt}] + msgs
     return ([{"role": "system", "content": p.system_prompt}] if p.system_prompt else []) + [{"role": "user", "content": user_text(row)}]
 
 
@@ -194,7 +195,10 @@ def run(p: FormatParams, m: ModelParams, in_dir: Path, out_dir: Path) -> dict:
     for split in SPLITS:
         rows, count = [], {"answers_truncated": 0, "over_max_length": 0, "dropped_too_long": 0, "truncated_to_fit": 0}
         for r in read_jsonl(in_dir / f"{split}.jsonl"):
-            out = format_row(tok, p, r, p.max_answer_tokens)
+            try:
+                out = format_row(tok, p, r, p.max_answer_tokens)
+            except MedtuneError as e:
+                raise MedtuneError(f"{in_dir / f'{split}.jsonl'}: {e}") from None
             if out["n_tokens"] > p.max_length:
                 count["over_max_length"] += 1
                 if split != "test":  # test keeps every question: generation needs only the prompt

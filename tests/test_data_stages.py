@@ -364,7 +364,7 @@ def test_format_overflow_drops_or_truncates(tmp_path, split_dir, tiny_model):
 
 
 def test_format_mcq_template_needs_multiple_choice_rows(tmp_path, split_dir, tiny_model):
-    with pytest.raises(MedtuneError, match=r"format.template=mcq: row '.*' has no options"):
+    with pytest.raises(MedtuneError, match=r"train.jsonl: format.template=mcq: row '.*' has no options"):
         format_stage.run(format_params(template="mcq"), tiny_m(tiny_model), split_dir, tmp_path / "fmt")
     assert not (tmp_path / "fmt").exists()
 
@@ -393,3 +393,19 @@ def test_fetch_non_utf8_names_the_line(tmp_path, tiny_rows):
     with pytest.raises(MedtuneError, match=r"mixed.jsonl: not UTF-8 text at line 4, byte 34 \(invalid continuation byte\)"):
         fetch.run(fetch_params(src, id_column=None, columns={"question": "question", "answer": "answer"}), BASE, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
+
+
+def test_format_multi_turn_needs_chat_or_qa(tmp_path, tiny_model):
+    turns = [{"role": "user", "content": "What is glaucoma?"}, {"role": "assistant", "content": "An eye disease."},
+             {"role": "user", "content": "How is it treated?"}, {"role": "assistant", "content": "With eye drops or surgery."}]
+    (tmp_path / "split").mkdir()
+    for s in split.SPLITS:
+        (tmp_path / "split" / f"{s}.jsonl").write_text(json.dumps({"id": s, "question": "How is it treated?",
+                                                                    "answer": "With eye drops or surgery.", "messages": turns}) + "\n")
+    format_stage.run(format_params(template="qa"), tiny_m(tiny_model), tmp_path / "split", tmp_path / "qa")
+    row = read_jsonl(tmp_path / "qa" / "train.jsonl")[0]
+    assert row["prompt"] == ("### Question:\nWhat is glaucoma?\n\n### Answer:\nAn eye disease.\n\n"
+                             "### Question:\nHow is it treated?\n\n### Answer:\n")
+    assert row["completion"] == "With eye drops or surgery.<eos>"
+    with pytest.raises(MedtuneError, match=r"train.jsonl: format.template=alpaca: row 'train' is a multi-turn dialogue"):
+        format_stage.run(format_params(template="alpaca"), tiny_m(tiny_model), tmp_path / "split", tmp_path / "alpaca")
