@@ -207,6 +207,11 @@ class Answer:
                                f"({cp.max_prompt_tokens:,})")
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.cancelled = threading.Event()  # set by cancel() or when the reader stops early: generation stops
+
+    def cancel(self) -> None:
+        """Stop generating at the next token (e.g. the HTTP client went away); safe from any thread."""
+        self.cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
         import torch
@@ -229,8 +234,7 @@ class Answer:
                   eos_token_id=cm.stops, pad_token_id=cm.tok.pad_token_id, do_sample=self.temperature > 0)
         if self.temperature > 0:
             kw |= {"temperature": self.temperature, "top_p": self.top_p}
-        cancelled = threading.Event()  # set when the reader stops early (e.g. an HTTP client went away)
-        kw["stopping_criteria"] = StoppingCriteriaList([Cancelled(cancelled)])
+        kw["stopping_criteria"] = StoppingCriteriaList([Cancelled(self.cancelled)])
         result: dict = {}
 
         def work():
@@ -248,7 +252,7 @@ class Answer:
                     if piece:
                         yield piece
             finally:
-                cancelled.set()
+                self.cancelled.set()
                 thread.join()
         if "error" in result:
             raise MedtuneError(f"generation failed: {type(result['error']).__name__}: {result['error']}")

@@ -15,6 +15,7 @@ chat.max_prompt_tokens and malformed requests get 400, in OpenAI's error format.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -94,7 +95,7 @@ def question_of(req: ChatRequest) -> str:
 
 def make_app(models: dict[str, ChatModel], cp: ChatParams, sp: ServeParams):
     from fastapi import FastAPI
-    from fastapi.concurrency import run_in_threadpool
+    from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
     from fastapi.responses import StreamingResponse
 
     app = FastAPI(title="medtune", description=DISCLAIMER)
@@ -160,14 +161,22 @@ def make_app(models: dict[str, ChatModel], cp: ChatParams, sp: ServeParams):
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(obj)}\n\n"
 
-        def events():
+        async def events():
             yield chunk({"role": "assistant", "content": ""})
+            pieces = iter(answer)
             try:
-                for piece in answer:
+                async for piece in iterate_in_threadpool(pieces):
+                    if await request.is_disconnected():
+                        log.info("%s: client went away after %d tokens; generation stopped", rid, answer.completion_tokens)
+                        return
                     yield chunk({"content": piece})
             except MedtuneError as e:  # headers are sent: report in the stream, as OpenAI does
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
                 return
+            finally:  # stop generating and free the model for the next request, however the stream ended
+                answer.cancel()
+                with contextlib.suppress(ValueError):  # ValueError: still running in a worker; it ends at the next token
+                    pieces.close()
             yield chunk({}, answer.finish_reason)
             if req.stream_options and req.stream_options.include_usage:
                 yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': created, 'model': req.model, 'choices': [], 'usage': usage()})}\n\n"
