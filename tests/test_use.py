@@ -69,7 +69,7 @@ def workdir(tmp_path_factory, tiny_model) -> Path:
     ci = [0.1, 0.3]
     for name, extra in (("eval_base", {}), ("eval_tuned", {f"delta_{k}": 0.05 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
                                           | {f"delta_{k}_ci": [0.01, 0.09] for k in ("rougeL", "rouge1", "rouge2", "token_f1")})):
-        write_json(d / "metrics" / f"{name}.json", {"n": 7, "runaway_rate": 0.25, "repetition_rate": 0.5} | extra
+        write_json(d / "metrics" / f"{name}.json", {"n": 7, "runaway_rate": 0.25, "repetition_rate": 0.5, "referral_rate": 0.125} | extra
                    | {k: 0.2 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
                    | {f"{k}_ci": ci for k in ("rougeL", "rouge1", "rouge2", "token_f1")})
     (d / "DATA_CARD.md").write_text((REPO / "data" / "source" / "DATA_CARD.md").read_text())
@@ -337,6 +337,7 @@ def test_merge_writes_a_model_card_with_lineage_data_license_metrics_and_disclai
     assert str(tiny_model) in text  # the base model as trained, with its identity
     assert "CC BY 4.0" in text and "Ben Abacha" in text  # the data's license and citation, from the data card
     assert "| ROUGE-L F1 | 0.200 [0.100, 0.300] | 0.200 [0.100, 0.300] | +0.050 [0.010, 0.090] |" in text
+    assert "| answers referring to a clinician | 12.5% | 12.5% | |" in text and "MCQ accuracy" not in text
     assert "n = 7" in text and "lora_r: 4" in text and "## Intended use" in text and "## Limitations" in text
 
 
