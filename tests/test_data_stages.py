@@ -409,3 +409,18 @@ def test_format_multi_turn_needs_chat_or_qa(tmp_path, tiny_model):
     assert row["completion"] == "With eye drops or surgery.<eos>"
     with pytest.raises(MedtuneError, match=r"train.jsonl: format.template=alpaca: row 'train' is a multi-turn dialogue"):
         format_stage.run(format_params(template="alpaca"), tiny_m(tiny_model), tmp_path / "split", tmp_path / "alpaca")
+
+
+@pytest.mark.parametrize("options,key,correct", [({"A": "Vitamin A", "B": "Vitamin C"}, "letter", "b"),
+                                                 (["Vitamin A", "Vitamin C"], "index0", 1),
+                                                 (["Vitamin A", "Vitamin C"], "text", "vitamin c")])
+def test_fetch_options_column_as_mapping_or_list(tmp_path, options, key, correct):
+    src = tmp_path / "mcq.jsonl"
+    src.write_text(json.dumps({"id": "q1", "question": "Which vitamin deficiency causes scurvy?", "options": options, "answer_idx": correct})
+                   + "\n" + json.dumps({"id": "q2", "question": "Which one?", "options": options, "answer_idx": 7 if key == "index0" else "z"}) + "\n")
+    fetch.run(fetch_params(src, columns={"question": "question", "options": "options", "correct": "answer_idx"}, answer_key=key),
+              BASE, tmp_path / "raw")
+    q1, q2 = read_jsonl(tmp_path / "raw" / "records.jsonl")
+    assert (q1["options"], q1["correct"], q1["answer"]) == ({"A": "Vitamin A", "B": "Vitamin C"}, "B", "Vitamin C")
+    assert q2["correct"] is None  # names no option: clean drops it as bad_correct_option
+    assert clean.run(clean_params(min_answer_chars=1, max_drop_frac=1.0), tmp_path / "raw", tmp_path / "clean")["dropped"] == {"bad_correct_option": 1}
