@@ -407,3 +407,21 @@ def test_use_params_are_checked_all_at_once(tiny_model):
     for want in ("chat.max_new_tokens: must be >= 1", "chat.temperature: must be >= 0", "serve.max_request_bytes: must be >= 1024",
                  "ui.examples: give at least one question", "card.licence: unknown key (did you mean 'card.license'?)"):
         assert any(want in x for x in problems), (want, problems)
+
+
+def test_api_works_with_the_official_openai_client(api, workdir, tiny_model, tiny_adapter, monkeypatch):
+    import openai
+
+    monkeypatch.chdir(workdir)
+    client = openai.OpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0)
+    want = expected_answer(tiny_model, tiny_adapter, QUESTION, 12).strip()
+    messages = [{"role": "user", "content": QUESTION}]
+    whole = client.chat.completions.create(model="tuned", messages=messages)
+    assert whole.choices[0].message.content.strip() == want and whole.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model="tuned", messages=messages, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip() == want
+    assert [m.id for m in client.models.list()] == ["tuned", "base"]
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be between 1 and 40"):
+        client.chat.completions.create(model="tuned", messages=messages, max_tokens=500)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
