@@ -1,18 +1,45 @@
 """Print a recipe file (a partial params.yaml) as `-S section.key=value` flags for `dvc exp run`, after
-checking every key against params.yaml's schema.
+checking every key against params.yaml's schema. A recipe value replaces the whole params.yaml value,
+mappings too (`fetch.columns`, `format.disclaimer`: a mapping is removed and set again, `~key +key={...}`).
 
 Run as:  dvc exp run $(python -m stages.recipe recipes/gpu.yaml)
+  or, when a value holds spaces (the flags are then shell-quoted):
+         eval "dvc exp run --queue $(python -m stages.recipe recipes/medquad_llama32_1b.yaml)"
 """
 
 from __future__ import annotations
 
-import json
+import re
+import shlex
 from pathlib import Path
 
 import click
+import yaml
 
 from stages.common import MedtuneError, cli_errors, read_params_file
 from stages.validate import check_all
+
+PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")  # strings DVC's override grammar (Hydra's) reads as themselves
+
+
+def override_value(value) -> str:
+    """A value in the grammar of `dvc exp run -S` (Hydra overrides): strings quoted where they would be read
+    as something else (a comma is a sweep, `null` is None, `1e-4` a number), lists as [..], mappings as {..}."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if PLAIN.fullmatch(value) and isinstance(yaml.safe_load(value), str):
+            return value
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    raise MedtuneError(f"cannot express {value!r} as a `dvc exp run -S` value")
 
 
 def overrides(recipe: Path, params_file: Path = Path("params.yaml")) -> list[str]:
@@ -24,7 +51,10 @@ def overrides(recipe: Path, params_file: Path = Path("params.yaml")) -> list[str
             raise MedtuneError(f"{recipe}: {section}: not a params.yaml section")
         for key, value in keys.items():
             merged[section][key] = value
-            flags += ["-S", f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+            if isinstance(value, dict):  # replace, not merge: keys the recipe leaves out must go
+                flags += ["-S", f"~{section}.{key}", "-S", f"+{section}.{key}={override_value(value)}"]
+            else:
+                flags += ["-S", f"{section}.{key}={override_value(value)}"]
     problems = check_all(merged)
     if problems:
         raise MedtuneError(f"{recipe}: " + "; ".join(problems))
@@ -35,7 +65,7 @@ def overrides(recipe: Path, params_file: Path = Path("params.yaml")) -> list[str
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def main(recipe: Path) -> None:
     with cli_errors():
-        click.echo(" ".join(overrides(recipe)))
+        click.echo(" ".join(shlex.quote(f) for f in overrides(recipe)))
 
 
 if __name__ == "__main__":
