@@ -1,6 +1,6 @@
 """The web UI in a real headless Chromium (Playwright): the page loads with the model and the medical
-disclaimer, an example question fills the box, a question gets an answer streamed into the page, and the
-side-by-side mode streams the base model's answer too. A screenshot is left in test-artifacts/ui.png
+disclaimer, an example question fills the box, a question gets an answer streamed into the page, the
+side-by-side mode streams the base model's answer too, and a too-long question shows why it was refused. A screenshot is left in test-artifacts/ui.png
 (git-ignored).
 
 The browser is the Debian package `chromium` (README set-up), or $MEDTUNE_CHROMIUM, or Playwright's own
@@ -101,4 +101,10 @@ def test_ui_streams_answers_with_disclaimer_examples_and_side_by_side(ui, tiny_m
         assert base_want in words(base_bot.inner_text()) and base_want != tuned_want
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "ui.png"), full_page=True)
+
+        answers = page.locator('#tuned [data-testid="bot"]').count()
+        box.fill("word " * 80)  # a bad question shows its one-line reason, and nothing is generated
+        page.locator("#ask").click()
+        expect(page.get_by_text("over chat.max_prompt_tokens (64)").first).to_be_visible(timeout=30_000)
+        assert page.locator('#tuned [data-testid="bot"]').count() == answers
         b.close()
