@@ -1,7 +1,7 @@
 """The web UI in a real headless Chromium (Playwright): the page loads with the model and the medical
 disclaimer, an example question fills the box, a question gets an answer streamed into the page, the
-side-by-side mode streams the base model's answer too, and a too-long question shows why it was refused. A screenshot is left in test-artifacts/ui.png
-(git-ignored).
+side-by-side mode streams the base model's answer too, and a too-long question shows why it was refused.
+A screenshot is left in test-artifacts/ui.png (git-ignored).
 
 The browser is the Debian package `chromium` (README set-up), or $MEDTUNE_CHROMIUM, or Playwright's own
 download. Without any, the test is skipped, except under CI (CI=true), where it fails.
