@@ -7,7 +7,11 @@ CPU-sized version of each runs through the data stages and two training steps.
 from __future__ import annotations
 
 import csv
+import importlib
 import json
+import math
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +20,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages import compare
-from tests.conftest import REPO
+from stages import compare, recipe as recipe_cli, validate
+from stages.common import read_jsonl
+from tests.conftest import ASSETS, REPO, tiny_params
 from tests.test_pipeline import dvc
 
 
@@ -91,3 +96,94 @@ def test_compare_errors_name_the_file(tmp_path, monkeypatch):
     write_params(tmp_path / "params.yaml", compare={"metric": "rougeLsum", "seed_noise_sigmas": 2.0})
     result = CliRunner().invoke(compare.main, ["--exps", "exps.json", "--out", "out"])
     assert result.exit_code == 1 and "compare.metric: expected one of" in result.output
+
+
+# ---------------------------------------------------------------- recipes
+
+RECIPES = ["alpaca_llama31_8b", "medquad_llama32_1b", "medmcqa_llama31_8b", "chatdoctor_llama3_8b_qlora", "mixed_gemma3_1b"]
+# The CPU-sized version of a recipe: the tiny model (a word-level tokenizer without a chat template of its own,
+# so the gemma3 template file), and what needs a CUDA GPU or hours swapped for its CPU equivalent.
+CPU_SIZED = {
+    "train": {"quantization": "none", "optim": "adamw_torch", "max_steps": 2, "batch_size": 2, "grad_accum": 1,
+              "auto_find_batch_size": False, "gradient_checkpointing": False, "eval_steps": 0, "save_steps": 0,
+              "load_best_model": False, "logging_steps": 1},
+    "split": {"val_frac": 0.3, "test_frac": 0.3},  # a dozen fixture rows: larger shares so each split gets some
+}
+# Each recipe's data swapped for the test fixture of the same dataset and columns, so the recipe's column mapping
+# is what reads it. The hand-made MedMCQA fixture has the original release's 1-based `cop`; the hub copy is 0-based.
+FIXTURES = {"data/source/genmedgpt5k.jsonl": ("chatdoctor_tiny.jsonl", {}),
+            "data/source/medquad.jsonl": ("medquad_tiny.jsonl", {}),
+            "data/source/pubmedqa_pqal.jsonl": ("pubmedqa_tiny.jsonl", {}),
+            "hf:openlifescienceai/medmcqa": ("medmcqa_handmade.jsonl", {"answer_key": "index1"})}
+
+
+def recipe(name: str) -> dict:
+    return yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+
+
+def apply(params: dict, overrides: dict) -> dict:
+    """What stages.recipe does: each value replaces the params.yaml value (mappings too)."""
+    for section, values in overrides.items():
+        params[section].update(values)
+    return params
+
+
+def test_every_recipe_validates_and_dvc_applies_it_exactly(repo_copy):
+    """`stages.recipe` checks each recipe against the params schema and prints `-S` flags; queued with them
+    (as the README's eval line does), DVC's experiment has exactly the recipe's values."""
+    for name in RECIPES:
+        result = CliRunner().invoke(recipe_cli.main, [str(REPO / "recipes" / f"{name}.yaml")])
+        assert result.exit_code == 0, f"{name}: {result.output}"  # validated against the repository's params.yaml
+        proc = subprocess.run([sys.executable, "-m", "stages.recipe", str(REPO / "recipes" / f"{name}.yaml")],
+                              cwd=repo_copy, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        dvc(repo_copy, "exp", "run", "--queue", "-n", name, *shlex.split(proc.stdout))
+    queued = exp_runs(json.loads(dvc(repo_copy, "exp", "show", "--json")))
+    for name in RECIPES:
+        got = queued[name]["params"]["params.yaml"]["data"]
+        for section, values in recipe(name).items():
+            for key, value in values.items():
+                assert got[section][key] == value, f"{name}: {section}.{key} = {got[section][key]!r}, recipe {value!r}"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_cpu_sized_recipe_runs_through_data_stages_and_two_train_steps(name, tiny_model, tmp_path, monkeypatch):
+    r = recipe(name)
+    p = apply(apply(tiny_params(tiny_model), r), CPU_SIZED)
+    p["model"].update(base=str(tiny_model), revision=None, chat_template="gemma3")
+    for src in [p["fetch"], *p["fetch"]["mix"]]:
+        fixture, extra = FIXTURES[src["source"]]
+        src.update(source=f"data/source/{fixture}", revision=None, subset=None)
+        (tmp_path / "data" / "source").mkdir(parents=True, exist_ok=True)
+        shutil.copy(ASSETS / fixture, tmp_path / "data" / "source" / fixture)
+        p["fetch"].update(extra)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(validate.main, []).output == "params.yaml: ok\n"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in ("fetch", "clean", "split", "format", "train"):  # the commands dvc.yaml runs, in this process
+        python, dash_m, module, *args = shlex.split(stages[stage]["cmd"])
+        result = CliRunner().invoke(importlib.import_module(module).main, args)
+        assert result.exit_code == 0, f"{stage}: {result.output}"
+
+    train = json.loads(Path("metrics/train.json").read_text())
+    assert train["steps"] == 2 and math.isfinite(train["train_loss"])
+    lora = json.loads(Path("models/adapter/adapter_config.json").read_text())
+    assert lora["r"] == r["train"]["lora_r"] and lora["lora_alpha"] == r["train"]["lora_alpha"]
+    targets = r["train"]["target_modules"]
+    if targets != ["all-linear"]:
+        assert set(lora["target_modules"]) == set(targets)
+    rows = [row for s in ("train", "val", "test") for row in read_jsonl(Path(f"data/formatted/{s}.jsonl"))]
+    first = rows[0]
+    template = r["format"]["template"]
+    if template == "alpaca":
+        assert "### Instruction:" in first["prompt"] and first["prompt"].rstrip().endswith("### Response:")
+    if template == "qa":
+        assert first["prompt"].startswith("### Question:") and first["prompt"].rstrip().endswith("### Answer:")
+        assert "\nA. " in first["prompt"] and first["completion"].startswith("Answer: ")
+    if r["format"].get("disclaimer", {}).get("enabled"):
+        assert all(r["format"]["disclaimer"]["text"] in row["completion"] for row in rows)
+    if "instruction" in r["fetch"].get("columns", {}):
+        assert all("If you are a doctor" in row["prompt"] for row in rows)
+    if r["fetch"].get("mix"):
+        assert len({row["collection"] for row in rows}) == 1 + len(r["fetch"]["mix"])
