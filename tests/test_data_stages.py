@@ -424,3 +424,23 @@ def test_fetch_options_column_as_mapping_or_list(tmp_path, options, key, correct
     assert (q1["options"], q1["correct"], q1["answer"]) == ({"A": "Vitamin A", "B": "Vitamin C"}, "B", "Vitamin C")
     assert q2["correct"] is None  # names no option: clean drops it as bad_correct_option
     assert clean.run(clean_params(min_answer_chars=1, max_drop_frac=1.0), tmp_path / "raw", tmp_path / "clean")["dropped"] == {"bad_correct_option": 1}
+
+
+@pytest.mark.parametrize("action", ["keep", "mask"])
+def test_report_counts_phi_left_in_the_training_data(tmp_path, tiny_rows, tiny_model, action):
+    from stages import report
+
+    rows = [{"id": r["id"], "question": r["question"], "answer": r["answer"] + f" Call 301-555-01{i:02d}.", "focus": r["focus"]}
+            for i, r in enumerate(tiny_rows[:30])]
+    c = clean.run(clean_params(phi=action), write_raw(tmp_path, rows), tmp_path / "clean")
+    (tmp_path / "raw" / "manifest.json").write_text(json.dumps({"source": "x.jsonl", "rows": len(rows), "sources": {}}))
+    s = split.run(split_params(group_by=["focus"]), BASE, tmp_path / "clean", tmp_path / "split")
+    f = format_stage.run(format_params(max_answer_tokens=80, max_length=128), tiny_m(tiny_model), tmp_path / "split", tmp_path / "fmt")
+    for name, obj in (("clean", c), ("split", s), ("format", f)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(obj))
+    key, details, md = report.run(report.ReportParams(n_examples=3), format_params(max_answer_tokens=80, max_length=128),
+                                  tiny_m(tiny_model), tmp_path / "raw", tmp_path / "clean.json", tmp_path / "split.json",
+                                  tmp_path / "format.json", tmp_path / "fmt")
+    assert c["phi"] == {"phone": c["phi_rows"]} and c["phi_rows"] >= 25
+    assert key["phi_flagged"] == (key["rows_train"] if action == "keep" else 0)
+    assert f"clean.phi = {action}" in md
