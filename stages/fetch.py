@@ -77,7 +77,7 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class FetchParams(Source):
     option_columns: list[str]  # multiple choice: one option per column, lettered A, B, ... ([]: none)
-    fixed_options: list[str]  # the same options for every row, e.g. [yes, no, maybe] ([]: none)
+    fixed_options: list[str]  # the same options for every row, e.g. ["yes", "no", "maybe"] ([]: none)
     answer_key: Literal["letter", "index0", "index1", "text"]  # how the `correct` column names the option
     mix: list[dict]  # more sources appended, each {source, revision, subset, split, columns, id_column}
     max_rows: int | None  # seeded random subset of all sources together; None keeps every row
@@ -180,6 +180,8 @@ def options_of(row: dict, rec: dict, p: FetchParams) -> dict | None:
 def correct_letter(value, options: dict, key: str) -> str | None:
     """The correct option's letter, or None when `value` does not name one of `options`."""
     letters = list(options)
+    if key in ("index0", "index1") and isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # a csv column read as text
     if key == "letter" and isinstance(value, str) and value.strip().upper() in options:
         return value.strip().upper()
     if key in ("index0", "index1") and isinstance(value, int) and not isinstance(value, bool):
