@@ -43,7 +43,7 @@ SPACES = re.compile(r"[ \t\u00a0]+")
 BLANK_LINES = re.compile(r"\n\s*\n+")
 DOUBLED_QMARK = re.compile(r"\?(?: ?\?)+")  # MedQuAD template artefact: "Who is at risk for X? ?"
 TEXT_FIELDS = ("question", "answer", "instruction", "context", "explanation")
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}  # + ShareGPT
 MONTH = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
 DATE = rf"(?:\d{{1,2}}[/.-]\d{{1,2}}[/.-]\d{{2,4}}|\d{{4}}-\d{{2}}-\d{{2}}|{MONTH} \d{{1,2}},? \d{{4}}|\d{{1,2}} {MONTH},? \d{{4}})"
 # Regexes, not an NER model: these four identifier kinds have fixed shapes, and a model (presidio + spaCy)
@@ -132,15 +132,22 @@ def fingerprint(row: dict) -> str:
     return hashlib.sha256(" ".join(record_text(row).lower().split()).encode()).hexdigest()
 
 
+def turn(m) -> dict | None:
+    """One dialogue turn as {role, content}; ShareGPT's {from: human/gpt, value} is read too. None if malformed."""
+    if not isinstance(m, dict):
+        return None
+    role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+    role = ROLES.get(role) if isinstance(role, str) else None
+    return {"role": role, "content": normalise(content)} if role and isinstance(content, str) else None
+
+
 def check_row(row: dict, p: CleanParams) -> tuple[dict | None, str]:
     """(normalised row, "") or (None, drop reason). Text fields may be absent, never of another type."""
     row = dict(row)
     if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
+        msgs = [turn(m) for m in row["messages"]] if isinstance(row["messages"], list) else []
+        if not msgs or None in msgs:
             return None, "bad_messages"
-        msgs = [{"role": m["role"], "content": normalise(m["content"])} for m in msgs]
         users = [m["content"] for m in msgs if m["role"] == "user"]
         if msgs[-1]["role"] != "assistant" or not users or not all(m["content"] for m in msgs):
             return None, "bad_messages"

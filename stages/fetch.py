@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import string
 from collections import Counter
@@ -104,6 +105,19 @@ def check_utf8(path: Path) -> None:
                                    "re-save it as UTF-8") from None
 
 
+def read_json_array(path: Path) -> list[dict]:
+    """A .json file holding one array of records (ChatDoctor's own files are like this)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MedtuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rows, list):
+        raise MedtuneError(f"{path}: expected an array of records or JSON lines, got a {type(rows).__name__}")
+    if (bad := next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)) is not None:
+        raise MedtuneError(f"{path}: item {bad} of the array is a {type(rows[bad]).__name__}, expected a JSON object")
+    return rows
+
+
 def read_medquad_xml(folder: Path) -> list[dict]:
     """MedQuAD's own layout: <Document id source url><Focus/>...<QAPairs><QAPair pid><Question qid qtype/><Answer/>."""
     rows = []
@@ -157,6 +171,8 @@ def load_rows(s: Source) -> list[dict]:
         raise MedtuneError(f"{path}: file is empty")
     if kind == "json":
         check_utf8(path)
+        if path.read_text(encoding="utf-8").lstrip().startswith("["):
+            return read_json_array(path)
         return read_jsonl(path)  # exact line numbers for malformed lines; no type coercion across rows
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train").to_list()

@@ -444,3 +444,24 @@ def test_report_counts_phi_left_in_the_training_data(tmp_path, tiny_rows, tiny_m
     assert c["phi"] == {"phone": c["phi_rows"]} and c["phi_rows"] >= 25
     assert key["phi_flagged"] == (key["rows_train"] if action == "keep" else 0)
     assert f"clean.phi = {action}" in md
+
+
+def test_fetch_reads_a_json_array_and_clean_reads_sharegpt_turns(tmp_path):
+    """ChatDoctor ships one JSON array per file; many dialogue sets use ShareGPT's {from: human/gpt, value} turns."""
+    chat = read_jsonl(ASSETS / "chatdoctor_tiny.jsonl")
+    (tmp_path / "chatdoctor.json").write_text(json.dumps(chat, indent=2))
+    cols = {"instruction": "instruction", "question": "input", "answer": "output"}
+    assert fetch.run(fetch_params(tmp_path / "chatdoctor.json", columns=cols), BASE, tmp_path / "a")["rows"] == len(chat)
+    assert read_jsonl(tmp_path / "a" / "records.jsonl")[0]["question"] == chat[0]["input"]
+
+    dialogues = read_jsonl(ASSETS / "dialogue_tiny.jsonl")
+    share = [{"id": d["id"], "conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                                               for m in d["messages"]]} for d in dialogues]
+    share[0]["conversations"][1]["from"] = "robot"  # an unknown speaker: the row is dropped
+    (tmp_path / "share.jsonl").write_text("".join(json.dumps(r) + "\n" for r in share))
+    fetch.run(fetch_params(tmp_path / "share.jsonl", columns={"messages": "conversations"}), BASE, tmp_path / "raw")
+    summary = clean.run(clean_params(min_answer_chars=10), tmp_path / "raw", tmp_path / "clean")
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "clean" / "records.jsonl")}
+    assert summary["dropped"] == {"bad_messages": 1} and len(out) == len(dialogues) - 1
+    d = dialogues[1]
+    assert out[d["id"]]["messages"] == d["messages"] and out[d["id"]]["answer"] == d["messages"][-1]["content"]
