@@ -49,13 +49,13 @@ def read_json(path: Path) -> dict:
         raise MedtuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
 
 
-def loss_mask(tok, row: dict, end: str) -> dict:
+def loss_masks(tok, rows: list[dict], end: str) -> list[dict]:
     """Tokens as training sees them: prompt tokens are masked, completion tokens (incl. the end token) trained."""
-    ids = tok(row["prompt"] + row["completion"])["input_ids"]
-    prompt_ids = tok(row["prompt"])["input_ids"]
-    n = len(prompt_ids)
-    return {"ids": ids, "n_prompt": n, "boundary_ok": ids[:n] == prompt_ids,
-            "end_trained": len(ids) > n and ids[-1] == tok.convert_tokens_to_ids(end)}
+    full = tok([r["prompt"] + r["completion"] for r in rows])["input_ids"]
+    prompts = tok([r["prompt"] for r in rows])["input_ids"]
+    end_id = tok.convert_tokens_to_ids(end)
+    return [{"ids": ids, "n_prompt": len(p), "boundary_ok": ids[:len(p)] == p, "end_trained": len(ids) > len(p) and ids[-1] == end_id}
+            for ids, p in zip(full, prompts)]
 
 
 def histogram(lengths: np.ndarray, max_length: int) -> dict[str, int]:
@@ -79,7 +79,7 @@ def run(p: ReportParams, f: FormatParams, m: ModelParams, raw_dir: Path, clean_m
     tok = load_tokenizer(resolve_base(m)[0], m)
     end = end_of_turn(tok) if f.template == "chat" else tok.eos_token
     train = rows["train"]
-    masks = [loss_mask(tok, r, end) for r in train]
+    masks = loss_masks(tok, train, end)
     lengths = np.array([r["n_tokens"] for r in train])
     tr = fmt["train"]
     seen = tr["rows"] + tr["dropped_too_long"]
