@@ -55,6 +55,7 @@ class Disclaimer:
 class FormatParams:
     template: Literal["chat", "alpaca", "qa", "mcq"]  # chat = model.chat_template; the others are plain-text layouts
     system_prompt: str  # "" for none; the chat template's system turn, or the first paragraph of the other layouts
+    #                     (for alpaca it replaces the standard "Below is an instruction ..." preamble)
     max_answer_tokens: int  # longer answers are cut at the last sentence end before this many tokens
     max_length: int  # prompt + completion tokens allowed in train/val
     overflow: Literal["drop", "truncate"]  # train/val examples over max_length: drop them, or cut the answer to fit
