@@ -51,10 +51,14 @@ class CheckParams:
 
 def status_problems(repo: Path) -> list[str]:
     """`dvc status` as one problem per changed path: 'models/adapter modified (output of stage train)'."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo(str(repo)) as r:
-        status = r.status()
+    try:
+        with Repo(str(repo)) as r:
+            status = r.status()
+    except DvcException as e:  # not a DVC repository, a broken dvc.yaml or dvc.lock
+        return [f"dvc status: {e}"]
     changed: dict[tuple[str, str], list[str]] = {}  # (what changed, how) -> stages, so a shared dep is named once
     for stage, changes in sorted(status.items()):
         for change in changes:
@@ -176,11 +180,16 @@ def run(p: CheckParams, m: ModelParams, repo: Path, adapter: Path, data_dir: Pat
     problems = status_problems(repo)
     found, summary = metric_problems(p, eval_base, eval_tuned, merge)
     problems += found
-    base_path, identity = resolve_base(m)
-    tok = load_tokenizer(base_path, m)
-    problems += lineage_problems(m, identity, tok, lineage_file)
-    found, answers = answer_problems(p, m, base_path, tok, adapter, data_dir)
-    problems += found
+    answers: list[str] = []
+    try:
+        base_path, identity = resolve_base(m)
+        tok = load_tokenizer(base_path, m)
+    except MedtuneError as e:  # the base model is not installed or not in the cache: nothing to load the adapter on
+        problems.append(str(e))
+    else:
+        problems += lineage_problems(m, identity, tok, lineage_file)
+        found, answers = answer_problems(p, m, base_path, tok, adapter, data_dir)
+        problems += found
     if problems:
         raise MedtuneError(f"check failed ({len(problems)}): " + "; ".join(problems))
     return summary | {"answers": answers}

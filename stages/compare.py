@@ -133,6 +133,9 @@ def summarise_group(runs: list[dict], p: CompareParams, source: str) -> dict:
     for col, file_key, key in (("base", "eval_base", m), ("tuned", "eval_tuned", m), ("delta", "eval_tuned", f"delta_{m}")):
         vals = np.array([metric_value(r, file_key, key, source) for r in runs], dtype=float)
         cis = [metric_value(r, file_key, f"{key}_ci", source) for r in runs]
+        for r, ci in zip(runs, cis):
+            if not (isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)):
+                raise MedtuneError(f"{source}: run {r['name']}: {file_key} {key}_ci: expected [low, high], got {ci!r}")
         out[col] = round(float(vals.mean()), 4)
         out[f"{col}_std"] = round(float(vals.std(ddof=1)), 4) if len(runs) > 1 else None
         out[f"{col}_ci_low"], out[f"{col}_ci_high"] = cis[0] if len(runs) == 1 else (None, None)
