@@ -22,8 +22,21 @@ from typing import Literal
 
 import click
 
-from stages.common import MedtuneError, cli_errors, load_params, log_params, read_jsonl, setup_logging
-from stages.modeling import ModelParams, load_model, load_tokenizer, resolve_base, stop_token_ids
+from stages.common import (
+    MedtuneError,
+    cli_errors,
+    load_params,
+    log_params,
+    read_jsonl,
+    setup_logging,
+)
+from stages.modeling import (
+    ModelParams,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+    stop_token_ids,
+)
 
 log = logging.getLogger("medtune.check")
 

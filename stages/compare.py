@@ -25,7 +25,15 @@ from typing import Literal
 import click
 import numpy as np
 
-from stages.common import MedtuneError, atomic_dir, cli_errors, load_params, log_params, setup_logging, write_text_atomic
+from stages.common import (
+    MedtuneError,
+    atomic_dir,
+    cli_errors,
+    load_params,
+    log_params,
+    setup_logging,
+    write_text_atomic,
+)
 
 log = logging.getLogger("medtune.compare")
 GROUP_KEYS = ("model.base", "model.revision")  # one base model = one group; the table's first columns
@@ -97,11 +105,14 @@ def runs_from_show(shown, source: str, files: dict[str, str], sections: set[str]
         if not params:
             raise MedtuneError(f"{source}: run {name}: no params.yaml params recorded")
         runs.append({"name": name, "rev": rev, "params": flatten({k: v for k, v in params.items() if k in sections}),
-                     **{key: full_metrics(rev, path, name) for key, path in files.items()}})
-    same = lambda a, b: a["params"] == b["params"] and a["eval_tuned"] == b["eval_tuned"]  # noqa: E731
+                     "paths": files, **{key: full_metrics(rev, path, name) for key, path in files.items()}})
     # the workspace usually repeats HEAD's run: keep it only when it differs from every commit and experiment
-    runs = [r for r in runs if r["rev"] != "workspace" or not any(same(r, o) for o in runs if o["rev"] != "workspace")]
+    runs = [r for r in runs if r["rev"] != "workspace" or not any(same_run(r, o) for o in runs if o["rev"] != "workspace")]
     return runs, skipped
+
+
+def same_run(a: dict, b: dict) -> bool:
+    return a["params"] == b["params"] and a["eval_tuned"] == b["eval_tuned"]
 
 
 def full_metrics(rev: str, path: str, name: str) -> dict:
@@ -110,7 +121,7 @@ def full_metrics(rev: str, path: str, name: str) -> dict:
     if rev == "workspace":
         text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else None
     else:
-        proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
         text = proc.stdout if proc.returncode == 0 else None
     if text is None:
         raise MedtuneError(f"run {name} ({rev[:7]}): cannot read {path} (compare in the repository the experiments ran in)")
@@ -122,7 +133,7 @@ def full_metrics(rev: str, path: str, name: str) -> dict:
 
 def metric_value(run: dict, file_key: str, key: str, source: str):
     if key not in run[file_key]:
-        raise MedtuneError(f"{source}: run {run['name']}: {file_key} has no {key!r}")
+        raise MedtuneError(f"{source}: run {run['name']}: {run['paths'][file_key]} has no {key!r}")
     return run[file_key][key]
 
 
@@ -135,7 +146,7 @@ def summarise_group(runs: list[dict], p: CompareParams, source: str) -> dict:
         cis = [metric_value(r, file_key, f"{key}_ci", source) for r in runs]
         for r, ci in zip(runs, cis):
             if not (isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci)):
-                raise MedtuneError(f"{source}: run {r['name']}: {file_key} {key}_ci: expected [low, high], got {ci!r}")
+                raise MedtuneError(f"{source}: run {r['name']}: {r['paths'][file_key]}: {key}_ci: expected [low, high], got {ci!r}")
         out[col] = round(float(vals.mean()), 4)
         out[f"{col}_std"] = round(float(vals.std(ddof=1)), 4) if len(runs) > 1 else None
         out[f"{col}_ci_low"], out[f"{col}_ci_high"] = cis[0] if len(runs) == 1 else (None, None)
@@ -257,7 +268,7 @@ def run(p: CompareParams, shown, source: str, files: dict[str, str], sections: s
 
 
 def exp_show_json() -> list:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "--param-deps"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "--param-deps"], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise MedtuneError(f"`dvc exp show --json --param-deps` failed: {last}")

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages import compare, recipe as recipe_cli, validate
+from stages import compare, validate
+from stages import recipe as recipe_cli
 from stages.common import read_jsonl
 from tests.conftest import ASSETS, REPO, tiny_params
 from tests.test_pipeline import dvc
@@ -164,7 +165,7 @@ def test_cpu_sized_recipe_runs_through_data_stages_and_two_train_steps(name, tin
     assert CliRunner().invoke(validate.main, []).output == "params.yaml: ok\n"
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage in ("fetch", "clean", "split", "format", "train"):  # the commands dvc.yaml runs, in this process
-        python, dash_m, module, *args = shlex.split(stages[stage]["cmd"])
+        _python, _m, module, *args = shlex.split(stages[stage]["cmd"])
         result = CliRunner().invoke(importlib.import_module(module).main, args)
         assert result.exit_code == 0, f"{stage}: {result.output}"
 
