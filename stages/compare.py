@@ -268,7 +268,8 @@ def run(p: CompareParams, shown, source: str, files: dict[str, str], sections: s
 
 
 def exp_show_json() -> list:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "--param-deps"], capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", "--param-deps"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise MedtuneError(f"`dvc exp show --json --param-deps` failed: {last}")
