@@ -121,7 +121,7 @@ def metric_problems(p: CheckParams, eval_base: Path, eval_tuned: Path, merge: Pa
         summary |= {d: delta, f"{d}_ci": ci, "n": n}
         if delta is not None and delta < p.min_delta:
             problems.append(f"{eval_tuned}: {d} {delta:+.4f} is below check.min_delta {p.min_delta:+.4f}")
-        if ci is not None and p.require_ci_above_zero and not (len(ci) == 2 and ci[0] > 0):
+        if ci is not None and p.require_ci_above_zero and not (len(ci) == 2 and isinstance(ci[0], (int, float)) and ci[0] > 0):
             problems.append(f"{eval_tuned}: {d}_ci {ci} does not lie above 0 (within noise; check.require_ci_above_zero)")
         if n is not None and n < p.min_test_questions:
             problems.append(f"{eval_tuned}: n {n} test questions is below check.min_test_questions {p.min_test_questions}")
