@@ -190,3 +190,53 @@ def test_cpu_sized_recipe_runs_through_data_stages_and_two_train_steps(name, tin
         assert all("If you are a doctor" in row["prompt"] for row in rows)
     if r["fetch"].get("mix"):
         assert len({row["collection"] for row in rows}) == 1 + len(r["fetch"]["mix"])
+
+
+def test_compare_groups_base_models_and_seeds(tmp_path, monkeypatch):
+    """Two base models, a learning-rate pair on one and two seeds on the other, and a failed run, in the shape of
+    `dvc exp show --json` with each run's metrics files committed (as DVC commits them)."""
+    monkeypatch.chdir(tmp_path)
+    for cmd in (["init", "-q"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *cmd], check=True)
+    write_params(tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+
+    def run(name, base, lr, seed, tuned, delta, delta_ci):
+        metrics = {"metrics/eval_base.json": {"n": 50, "rougeL": round(tuned - delta, 4), "rougeL_ci": [0.05, 0.15]},
+                   "metrics/eval_tuned.json": {"n": 50, "rougeL": tuned, "rougeL_ci": [tuned - 0.03, tuned + 0.03],
+                                               "delta_rougeL": delta, "delta_rougeL_ci": delta_ci},
+                   "metrics/train.json": {"tokens_per_s": 100.0, "peak_memory_mb": 2000.0}}
+        for path, data in metrics.items():
+            Path(path).parent.mkdir(exist_ok=True)
+            Path(path).write_text(json.dumps(data))
+        subprocess.run(["git", "add", "-A"], check=True)
+        subprocess.run(["git", "commit", "-qm", name], check=True)
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        params = {"base": {"seed": seed}, "model": {"base": base, "revision": "r1"}, "train": {"learning_rate": lr},
+                  "check": {"min_delta": seed}}  # not a stage's param: not compared
+        shown = {k: {"data": {m: v for m, v in d.items() if not isinstance(v, list)}} for k, d in metrics.items()}
+        return {"rev": rev, "name": name, "data": {"rev": rev, "params": {"params.yaml": {"data": params}}, "metrics": shown}}
+
+    head = run("main", "org/model-a", 1e-4, 1, 0.30, 0.10, [0.05, 0.15])
+    exps = [run("a-lr2", "org/model-a", 2e-4, 1, 0.28, 0.02, [-0.01, 0.05]),
+            run("b-s1", "org/model-b", 1e-4, 1, 0.40, 0.20, [0.15, 0.25]),
+            run("b-s2", "org/model-b", 1e-4, 2, 0.42, 0.22, [0.17, 0.27]),
+            {"rev": "f" * 40, "name": "broken", "data": {"metrics": {}}, "error": {"msg": "failed to reproduce 'train'"}}]
+    shown = [{"rev": "workspace", "name": None, "data": {"metrics": {}}, "error": None},
+             head | {"experiments": [{"revs": [e], "name": e["name"], "executor": None} for e in exps]}]
+    Path("exps.json").write_text(json.dumps(shown))
+
+    result = CliRunner().invoke(compare.main, ["--exps", "exps.json", "--out", "out"])
+    assert result.exit_code == 0, result.output
+    rows = {r["run"]: r for r in csv.DictReader(Path("out/compare.csv").open())}
+    assert list(rows) == ["main", "a-lr2", "b-s1, b-s2"]  # by base model, best tuned first
+    a1, a2, b = rows["main"], rows["a-lr2"], rows["b-s1, b-s2"]
+    assert (a1["best"], a2["best"], b["best"]) == ("True", "False", "True")  # the best per base model
+    assert a1["changed_params"] == "train.learning_rate=0.0001" and a2["changed_params"] == "train.learning_rate=0.0002"
+    assert (a1["within_noise"], a2["within_noise"], b["within_noise"]) == ("False", "True", "False")
+    assert a2["tied_with_best"] == "True"  # tuned 0.28 ± 0.03 overlaps 0.30 ± 0.03
+    assert b["seeds"] == "1 2" and float(b["delta"]) == 0.21 and float(b["delta_std"]) == pytest.approx(0.0141, abs=1e-4)
+    assert b["delta_ci_low"] == "" and a1["delta_ci_low"] == "0.05"
+    md = Path("out/compare.md").read_text()
+    assert "| `org/model-b` | r1 | b-s1, b-s2 ★ | train.learning_rate=0.0001 | 1, 2 | 50 | 0.2000 ± 0.0000 |" in md
+    assert "+0.2100 ± 0.0141" in md and "a-lr2 (tied)" in md
