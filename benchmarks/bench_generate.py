@@ -75,24 +75,28 @@ def main(model_dir: Path, data: Path, out: Path, n: int, max_new_tokens: int, ba
     result = {"device": device_name(), "versions": versions(), "command": " ".join(sys.argv),
               "n": n, "max_new_tokens": max_new_tokens, "batch": batch}
     ours, result["medtune_generate_s"] = timed(lambda: generate(model, tok, prompts, p))
-    _, result["plain_batch64_loop_s"] = timed(lambda: [plain(prompts[i : i + 64]) for i in range(0, n, 64)])
-    if cuda:  # what-ifs on the GPU: cuDNN attention off (a plan per new shape), a static KV cache
+    out.write_text(json.dumps(result, indent=2) + "\n")  # each figure as soon as it is measured
+    if cuda:  # cuDNN's attention builds a plan for every new sequence length: off for everything below
         torch.backends.cuda.enable_cudnn_sdp(False)
         generate(model, tok, prompts[:64], p)
         ours_nocudnn, result["medtune_generate_no_cudnn_sdp_s"] = timed(lambda: generate(model, tok, prompts, p))
         result["no_cudnn_same_answers_as_cudnn"] = f"{sum(a['answer'] == b['answer'] for a, b in zip(ours, ours_nocudnn))}/{n}"
-        try:
-            plain(prompts[:8], cache_implementation="static")
-            _, result["static_cache_one_batch_s"] = timed(lambda: plain(prompts, cache_implementation="static"))
-        except Exception as e:  # record why, keep the other numbers
-            result["static_cache_one_batch_s"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
-        torch.backends.cuda.enable_cudnn_sdp(True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    _, result["plain_batch64_loop_s"] = timed(lambda: [plain(prompts[i : i + 64]) for i in range(0, n, 64)])
+    out.write_text(json.dumps(result, indent=2) + "\n")
     loop, loop_s = timed(lambda: [plain([q])[0] for q in prompts[:loop_n]])
     result["one_at_a_time_s_scaled"] = round(loop_s * n / loop_n, 1)
     result["one_at_a_time_measured_on"] = loop_n
     result["speedup_vs_one_at_a_time"] = round(result["one_at_a_time_s_scaled"] / result["medtune_generate_s"], 2)
     result["identical_answers_vs_one_at_a_time"] = f"{sum(a == b['answer'] for a, b in zip(loop, ours[:loop_n]))}/{loop_n}"
     result["new_tokens_generated"] = sum(o["new_tokens"] for o in ours)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if cuda:
+        try:
+            plain(prompts[:8], cache_implementation="static")
+            _, result["static_cache_one_batch_s"] = timed(lambda: plain(prompts, cache_implementation="static"))
+        except Exception as e:  # record why, keep the other numbers
+            result["static_cache_one_batch_s"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
     result["runaway_rate"] = round(sum(not o["stopped"] for o in ours) / n, 3)
     out.write_text(json.dumps(result, indent=2) + "\n")
     click.echo(json.dumps(result), err=True)

@@ -72,6 +72,10 @@ def generate(model, tok, prompts: list[str], p: EvaluateParams) -> list[dict]:
     from tqdm import tqdm
 
     stops = stop_token_ids(tok, model)
+    if model.device.type == "cuda":
+        # cuDNN's attention builds a plan for every new key length, i.e. at every decoding step: 2.3x slower on an
+        # H100 (benchmarks/results/h100); the other fused SDPA kernels give the same answers
+        torch.backends.cuda.enable_cudnn_sdp(False)
     tok.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[dict] = [{}] * len(prompts)
@@ -300,7 +304,8 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
     gen_s = time.perf_counter() - t0
     scored = score(rows, preds, disclaimer)
     metrics = summarise(scored, p, base.seed)
-    metrics |= test_loss(model, tok, rows, p.batch_size)
+    # a small batch: the loss pass holds full-vocabulary logits for whole answers (the loss does not depend on it)
+    metrics |= test_loss(model, tok, rows, min(p.batch_size, 8))
     if p.bertscore_model:
         f1, note = bertscore(p.bertscore_model, [s["prediction"] for s in scored], [s["reference"] for s in scored])
         if f1 is not None:
