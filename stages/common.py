@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import json
 import logging
 import os
@@ -187,9 +188,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a failed write (disk full) does not say which file
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -260,4 +263,5 @@ def cli_errors() -> Iterator[None]:
         raise click.ClickException(str(e)) from None
     except OSError as e:  # disk full, permission denied: name the file
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        raise click.ClickException(f"{where}{e.strerror or e}") from None
+        full = " (is the disk full?)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        raise click.ClickException(f"{where}{e.strerror or e}{full}; the previous outputs were kept") from None

@@ -146,3 +146,51 @@ def test_killed_train_stage_resumes_and_ends_with_the_same_steps(tmp_path, tiny_
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["resumed"] and metrics["steps"] == 200
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_disk_full_while_writing_keeps_the_previous_outputs(tmp_path, tiny_model):
+    """A write that fails half-way (here: the file-size limit a full disk would impose) stops the stage with one
+    line naming the file, and the previous, complete outputs are still there."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    p = tiny_params(tiny_model)
+    p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    cmd = [sys.executable, "-m", "stages.fetch", "--out", "raw"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONDONTWRITEBYTECODE": "1"}
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "raw").iterdir()}
+
+    def full_disk():  # writes beyond 4 kB fail with EFBIG, as ENOSPC would on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, preexec_fn=full_disk)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "records.jsonl" in proc.stderr and "too large" in proc.stderr.lower()
+    assert {f.name: f.read_bytes() for f in (tmp_path / "raw").iterdir()} == before  # nothing lost or half-written
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".raw")]  # no temp folder left behind
+
+
+def test_secrets_never_reach_logs_or_model_cards(tmp_path, tiny_model, monkeypatch):
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.chdir(tmp_path)
+    p = tiny_params(tiny_model)
+    p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    import subprocess
+    import sys
+
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    logs = ""
+    for cmd in (["stages.fetch", "--out", "raw"], ["stages.clean", "--in", "raw", "--out", "clean", "--metrics", "clean.json"]):
+        proc = subprocess.run([sys.executable, "-m", *cmd], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+        logs += proc.stdout + proc.stderr
+    assert "running fetch" in logs and secret not in logs  # params are logged, the environment is not
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
