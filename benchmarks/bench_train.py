@@ -98,7 +98,7 @@ def matmul_params(model) -> int:
 
 
 def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmup: int, quantization: str = "none",
-            cudnn_sdp: bool = True) -> dict:
+            cudnn_sdp: bool = True, attn: str | None = None) -> dict:
     import datasets
     import torch
     from trl import SFTTrainer
@@ -110,6 +110,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         # cuDNN's SDPA kernel builds a plan per new shape (seconds each); off, SDPA uses the other fused kernels
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     model = model_fn(quantization)
+    if attn:  # another attention kernel, e.g. flex_attention (block masks for packed rows; ships with torch)
+        model.set_attn_implementation(attn)
     timer = StepTimer(warmup)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=peft_config, callbacks=[timer.callback])
@@ -141,6 +143,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "timed_steps": timer.steps,
         "quantization": quantization,
         "cudnn_sdp": cudnn_sdp,
+        "attn_implementation": model.config._attn_implementation,
         "gradient_checkpointing": args.gradient_checkpointing,
         "packing": args.packing,
         "max_length": args.max_length,
@@ -168,7 +171,7 @@ SUITES = {  # name -> (model, batch size, max length, packing)
 @click.option("--suite", "suites", multiple=True, type=click.Choice(list(SUITES)), help="default: all of them")
 @click.option("--template", default="gemma3_base", show_default=True, help="chat template in stages/templates/")
 @click.option("--variant", "variants", multiple=True,
-              help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, plus "cudnn_sdp": false; '
+              help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, plus "cudnn_sdp": false and "attn"; '
                    'e.g. bs64={"batch_size": 64}; a NAME starting with "llama:" or "gemma:" runs only in that suite')
 def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites: tuple[str, ...], template: str,
          variants: tuple[str, ...]) -> None:
@@ -192,7 +195,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
     fields = {f.name for f in dataclasses.fields(train.TrainParams)}
 
     def runs_for(suite: str, bs: int, max_length: int, packing: bool):
-        """(name, SFTConfig, LoraConfig, quantization, cudnn_sdp) for the baseline, the recipe and the variants."""
+        """(name, SFTConfig, LoraConfig, quantization, cudnn_sdp, attention kernel) for the baseline, the recipe and the variants."""
         base_kw = dict(max_steps=steps + warmup, per_device_train_batch_size=bs, learning_rate=2e-4, bf16=cuda,
                        use_cpu=not cuda, report_to="none", logging_steps=1, save_strategy="no", seed=0, data_seed=0,
                        include_num_input_tokens_seen="non_padding", max_length=max_length, packing=packing,
@@ -201,7 +204,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
         ours_p = dataclasses.replace(recipe, max_steps=steps + warmup, batch_size=bs, grad_accum=1, save_steps=0, eval_steps=0,
                                      max_length=max_length, packing=packing)
-        out = [("baseline: trl defaults", baseline, lora, "none", True)]
+        out = [("baseline: trl defaults", baseline, lora, "none", True, None)]
         specs = [("medtune", {})] + [tuple(v.split("=", 1)) for v in variants]
         for name, changes in specs:
             changes = json.loads(changes) if isinstance(changes, str) else changes
@@ -211,10 +214,10 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
             cfg = train.sft_config(p, seed=0, ckpt_dir=Path(f"/tmp/bench-{suite}-{name}"), eot=eot, cuda=cuda)
             cfg.logging_steps, cfg.completion_only_loss = 1, True  # pre-tokenized rows carry a completion_mask
             for k, v in changes.items():
-                if k not in fields and k != "cudnn_sdp":
+                if k not in fields and k not in ("cudnn_sdp", "attn"):
                     setattr(cfg, k, v)
             label = name if not changes else f"medtune {name}: {json.dumps(changes)}"
-            out.append((label, cfg, train.lora_config(p), p.quantization, changes.get("cudnn_sdp", True)))
+            out.append((label, cfg, train.lora_config(p), p.quantization, changes.get("cudnn_sdp", True), changes.get("attn")))
         return out
 
     def gemma(quantization: str):
@@ -240,8 +243,12 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         need = 4 * bs * (steps + warmup + 2) * (max_length // 512 if packing else 1)  # packed rows hold ~4-6 examples
         cap = None if suite == "gemma" else LLAMA_1B["vocab_size"]
         rows = tokenized_pool(data, tok, need, max_answer_tokens=448, vocab_cap=cap)
-        for name, cfg, peft_cfg, quant, cudnn in runs_for(suite, bs, max_length, packing):
-            r = run_one(name, gemma if suite == "gemma" else llama, tok, rows, cfg, peft_cfg, steps, warmup, quant, cudnn)
+        for name, cfg, peft_cfg, quant, cudnn, attn in runs_for(suite, bs, max_length, packing):
+            try:
+                r = run_one(name, gemma if suite == "gemma" else llama, tok, rows, cfg, peft_cfg, steps, warmup, quant, cudnn, attn)
+            except Exception as e:  # one configuration that cannot run here does not cost the others
+                r = {"config": name, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
+                torch.backends.cuda.enable_cudnn_sdp(True)
             results["runs"].append({"suite": suite, "model": label} | r)
             click.echo(json.dumps(results["runs"][-1]), err=True)
             out.write_text(json.dumps(results, indent=2) + "\n")  # after every run: a cut-off call keeps what it measured
