@@ -49,7 +49,7 @@ class TrainParams:
     quantization: Literal["none", "4bit", "8bit"]  # 4bit = QLoRA (NF4, double quantisation, bf16 compute); CUDA only
     learning_rate: float
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
-    warmup_ratio: float  # fraction of the steps spent warming up
+    warmup: float  # below 1: the fraction of the steps spent warming up; 1 or more: that many steps
     weight_decay: float
     optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]
     epochs: float  # used when max_steps is -1
@@ -76,8 +76,8 @@ class TrainParams:
             out.append("lora_dropout: must be in [0, 1)")
         if self.learning_rate <= 0:
             out.append("learning_rate: must be positive")
-        if not 0 <= self.warmup_ratio < 1:
-            out.append("warmup_ratio: must be in [0, 1)")
+        if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
+            out.append("warmup: a fraction of the steps in [0, 1), or a whole number of steps")
         if self.max_steps == 0 or self.max_steps < -1:
             out.append("max_steps: must be positive, or -1 to train for `epochs`")
         if self.max_steps == -1 and self.epochs <= 0:
@@ -176,7 +176,7 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         gradient_accumulation_steps=p.grad_accum,
         learning_rate=p.learning_rate,
         lr_scheduler_type=p.lr_scheduler,
-        warmup_steps=p.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        warmup_steps=p.warmup if p.warmup < 1 else int(p.warmup),  # trl: a float below 1 is a ratio of the steps
         weight_decay=p.weight_decay,
         optim=p.optim,
         num_train_epochs=p.epochs,

@@ -286,3 +286,55 @@ def test_train_refuses_answers_that_do_not_end_with_a_stop_token(tmp_path, tiny_
         (bad / f"{split}.jsonl").write_text("".join(json.dumps(r | {"completion": r["completion"].replace("<eos>", "")}) + "\n" for r in rows))
     with pytest.raises(MedtuneError, match="never learn to stop"):
         train.run(train_params(tiny_model), model_params(tiny_model), BASE, bad, tmp_path / "a", tmp_path / "c", tmp_path / "k")
+
+
+@pytest.fixture(scope="module")
+def knob_baseline(tmp_path_factory, tiny_model, formatted):
+    d = tmp_path_factory.mktemp("knobs")
+    m = train.run(train_params(tiny_model, save_steps=0), model_params(tiny_model), BASE, formatted, d / "a", d / "c", d / "k")
+    return d, m
+
+
+def train_with(tmp_path, tiny_model, formatted, **kw) -> tuple[Path, dict]:
+    m = train.run(train_params(tiny_model, save_steps=0, **kw), model_params(tiny_model), BASE, formatted,
+                  tmp_path / "a", tmp_path / "c", tmp_path / "k")
+    return tmp_path / "a", m
+
+
+def test_lora_knobs_reach_the_adapter(tmp_path, tiny_model, formatted):
+    a, _ = train_with(tmp_path, tiny_model, formatted, lora_r=4, lora_alpha=8, lora_dropout=0.2, lora_bias="all",
+                      target_modules=["all-linear"])
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["bias"]) == (4, 8, 0.2, "all")
+    trained = {name.rsplit(".", 1)[-1] for name in cfg["target_modules"]}  # peft may list full module paths
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= trained
+
+
+def test_scheduler_and_warmup_steps_shape_the_learning_rate(tmp_path, tiny_model, formatted):
+    a, _ = train_with(tmp_path, tiny_model, formatted, lr_scheduler="constant_with_warmup", warmup=2, learning_rate=1e-3)
+    lrs = [h["learning_rate"] for h in json.loads((tmp_path / "c" / "log_history.json").read_text()) if "learning_rate" in h]
+    assert lrs[0] < lrs[2] == lrs[3] == pytest.approx(1e-3)  # two warm-up steps, then constant
+
+
+def test_gradient_accumulation_trains_on_more_tokens_per_step(tmp_path, tiny_model, formatted, knob_baseline):
+    _, m = train_with(tmp_path, tiny_model, formatted, grad_accum=2)
+    assert m["steps"] == knob_baseline[1]["steps"] and m["tokens_trained"] > 1.5 * knob_baseline[1]["tokens_trained"]
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(tmp_path, tiny_model, formatted, knob_baseline):
+    _, m = train_with(tmp_path, tiny_model, formatted, gradient_checkpointing=True)
+    assert m["train_loss"] == pytest.approx(knob_baseline[1]["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("knob", [{"neftune_noise_alpha": 5.0}, {"weight_decay": 0.5}, {"learning_rate": 1e-4}])
+def test_training_knobs_change_the_adapter(tmp_path, tiny_model, formatted, knob_baseline, knob):
+    a, _ = train_with(tmp_path, tiny_model, formatted, **knob)
+    base = load_file(knob_baseline[0] / "a" / "adapter_model.safetensors")
+    new = load_file(a / "adapter_model.safetensors")
+    assert any(not torch.allclose(base[k], new[k]) for k in base)
+
+
+def test_epochs_when_max_steps_is_off(tmp_path, tiny_model, formatted):
+    n_train = len(read_jsonl(formatted / "train.jsonl"))
+    _, m = train_with(tmp_path, tiny_model, formatted, max_steps=-1, epochs=1.0, batch_size=8)
+    assert m["steps"] == math.ceil(n_train / 8)
