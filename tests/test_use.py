@@ -438,3 +438,15 @@ def test_api_works_with_the_official_openai_client(api, workdir, tiny_model, tin
         client.chat.completions.create(model="tuned", messages=messages, max_tokens=500)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="gpt-4o", messages=messages)
+
+
+def test_tokens_never_reach_the_model_card(in_workdir, tmp_path, tiny_adapter, monkeypatch):
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    out = tmp_path / "card.md"
+    result = CliRunner().invoke(card_stage.main, ["--model", str(tiny_adapter), "--eval-base", "metrics/eval_base.json",
+                                                  "--eval-tuned", "metrics/eval_tuned.json", "--data-card", "DATA_CARD.md",
+                                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert secret not in out.read_text() and secret not in result.output
