@@ -276,6 +276,16 @@ def ask(cm: ChatModel, question: str, cp: ChatParams, header: str | None) -> Non
         click.echo(f"[stopped at {answer.max_new_tokens} tokens (chat.max_new_tokens)]", err=True)
 
 
+def model_folder(model_dir: Path | None, adapter: Path | None, exp: str | None) -> Path:
+    """The one folder the --model / --adapter options name (the chat, ui and serve commands share them)."""
+    if (model_dir is None) == (adapter is None):
+        raise click.UsageError("give exactly one of --model (merged folder) or --adapter (adapter folder)")
+    path = model_dir or adapter
+    if exp is None and not path.is_dir():
+        raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
+    return path
+
+
 @click.command()
 @click.argument("question", required=False)
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -287,11 +297,7 @@ def ask(cm: ChatModel, question: str, cp: ChatParams, header: str | None) -> Non
 def main(question: str | None, model_dir: Path | None, adapter: Path | None, exp: str | None, compare: bool) -> None:
     """Answer QUESTION (or each line of stdin) with the fine-tuned model, streamed."""
     setup_logging()
-    if (model_dir is None) == (adapter is None):
-        raise click.UsageError("give exactly one of --model (merged folder) or --adapter (adapter folder)")
-    path = model_dir or adapter
-    if exp is None and not path.is_dir():
-        raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
+    path = model_folder(model_dir, adapter, exp)
     with cli_errors():
         (cp,) = load_params(("chat", ChatParams))
         tuned, m = load_tuned(path, adapter is not None, exp)

@@ -38,6 +38,7 @@ from stages.chat import (
     RequestError,
     load_base,
     load_tuned,
+    model_folder,
 )
 from stages.common import MedtuneError, cli_errors, load_params, setup_logging
 
@@ -199,11 +200,7 @@ def main(model_dir: Path | None, adapter: Path | None, exp: str | None, with_bas
     import uvicorn
 
     setup_logging()
-    if (model_dir is None) == (adapter is None):
-        raise click.UsageError("give exactly one of --model (merged folder) or --adapter (adapter folder)")
-    path = model_dir or adapter
-    if exp is None and not path.is_dir():
-        raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
+    path = model_folder(model_dir, adapter, exp)
     with cli_errors():
         cp, sp = load_params(("chat", ChatParams), ("serve", ServeParams))
         tuned, m = load_tuned(path, adapter is not None, exp)

@@ -28,6 +28,7 @@ from stages.chat import (
     RequestError,
     load_base,
     load_tuned,
+    model_folder,
 )
 from stages.common import cli_errors, load_params, setup_logging
 
@@ -101,11 +102,7 @@ def main(model_dir: Path | None, adapter: Path | None, exp: str | None, no_compa
     """Chat with the fine-tuned model in the browser."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     setup_logging()
-    if (model_dir is None) == (adapter is None):
-        raise click.UsageError("give exactly one of --model (merged folder) or --adapter (adapter folder)")
-    path = model_dir or adapter
-    if exp is None and not path.is_dir():
-        raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
+    path = model_folder(model_dir, adapter, exp)
     with cli_errors():
         cp, up = load_params(("chat", ChatParams), ("ui", UIParams))
         tuned, m = load_tuned(path, adapter is not None, exp)

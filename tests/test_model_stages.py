@@ -281,9 +281,9 @@ def test_train_refuses_answers_that_do_not_end_with_a_stop_token(tmp_path, tiny_
 
     bad = tmp_path / "fmt"
     bad.mkdir()
-    for split in ("train", "val"):
-        rows = read_jsonl(formatted / f"{split}.jsonl")
-        (bad / f"{split}.jsonl").write_text("".join(json.dumps(r | {"completion": r["completion"].replace("<eos>", "")}) + "\n" for r in rows))
+    for name in ("train", "val"):
+        rows = read_jsonl(formatted / f"{name}.jsonl")
+        (bad / f"{name}.jsonl").write_text("".join(json.dumps(r | {"completion": r["completion"].replace("<eos>", "")}) + "\n" for r in rows))
     with pytest.raises(MedtuneError, match="never learn to stop"):
         train.run(train_params(tiny_model), model_params(tiny_model), BASE, bad, tmp_path / "a", tmp_path / "c", tmp_path / "k")
 
