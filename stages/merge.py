@@ -48,8 +48,8 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
     base_path, identity = resolve_base(m)
     tok = load_tokenizer(base_path, m)
     dtype = p.dtype  # reference and reloaded merged model at the saved precision
-    trained_on = json.loads((adapter / "run_config.json").read_text())["params"]["train"]["quantization"] \
-        if (adapter / "run_config.json").exists() else "none"
+    run_config = json.loads((adapter / "run_config.json").read_text()) if (adapter / "run_config.json").exists() else {}
+    trained_on = run_config["params"]["train"]["quantization"] if run_config else "none"
     # An adapter trained on a 4-bit/8-bit (QLoRA) base is merged into the full-precision base weights, not into
     # the quantized ones (that would bake quantization error into a model saved at full precision).
     try:
@@ -84,7 +84,6 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
         if not metrics["passed"]:
             raise MedtuneError(f"merge check failed: max |logit diff| {max_diff:.3g} (atol {p.atol}), "
                                f"greedy answers identical: {same_answers}; the merged model was not saved")
-        run_config = json.loads((adapter / "run_config.json").read_text()) if (adapter / "run_config.json").exists() else {}
         write_json(tmp / "run_config.json", run_config | {"merge": dataclasses.asdict(p), "merge_check": metrics,
                                                          "base_model": identity, "versions": versions(), "device": device_name()})
         if card is not None:  # the model card (README.md), inside the atomic output: no model without its card
