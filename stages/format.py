@@ -58,7 +58,9 @@ class FormatParams:
     #                     (for alpaca it replaces the standard "Below is an instruction ..." preamble)
     max_answer_tokens: int  # longer answers are cut at the last sentence end before this many tokens
     max_length: int  # prompt + completion tokens allowed in train/val
-    overflow: Literal["drop", "truncate"]  # train/val examples over max_length: drop them, or cut the answer to fit
+    overflow: Literal["drop", "truncate", "cut"]  # train/val examples over max_length: drop them, shorten the answer to
+    #   fit (it keeps its end token), or cut the tokens at max_length as a plain trl run does (the end token is lost:
+    #   for reproducing such a baseline; the model learns that some answers never stop)
     disclaimer: Disclaimer | dict  # a mapping in params.yaml: {enabled, text, position, fraction}
 
     def __post_init__(self):
@@ -189,6 +191,21 @@ def format_row(tok, p: FormatParams, row: dict, max_answer_tokens: int) -> dict:
                    "disclaimer": disclaimed, "answer_truncated": cut}
 
 
+def cut_tokens(tok, out: dict, max_length: int) -> dict:
+    """Cut prompt + completion at max_length tokens, as trl's truncation does: the end-of-turn token goes with
+    the tail. Marked `cut_at_max_length` so train's end-token check knows it is meant."""
+    n_prompt = out["n_prompt_tokens"]
+    ids = tok(out["prompt"] + out["completion"])["input_ids"]
+    keep = max_length - n_prompt
+    while keep > 0:  # decoding and re-tokenising can merge tokens at the cut: step back until it fits
+        completion = tok.decode(ids[n_prompt:n_prompt + keep])
+        n_tokens = len(tok(out["prompt"] + completion)["input_ids"])
+        if n_tokens <= max_length:
+            return out | {"completion": completion, "n_tokens": n_tokens, "answer_truncated": True, "cut_at_max_length": True}
+        keep -= 1
+    return out
+
+
 def run(p: FormatParams, m: ModelParams, in_dir: Path, out_dir: Path) -> dict:
     tok = load_tokenizer(resolve_base(m)[0], m)
     summary: dict = {}
@@ -207,6 +224,8 @@ def run(p: FormatParams, m: ModelParams, in_dir: Path, out_dir: Path) -> dict:
                     while (p.overflow == "truncate" and out["n_tokens"] > p.max_length
                            and (budget := budget - (out["n_tokens"] - p.max_length)) >= MIN_ANSWER_TOKENS):
                         out = format_row(tok, p, r, budget)
+                    if p.overflow == "cut":
+                        out = cut_tokens(tok, out, p.max_length)
                     if out["n_tokens"] > p.max_length:
                         count["dropped_too_long"] += 1
                         continue

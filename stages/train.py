@@ -121,7 +121,7 @@ def check_examples(p: TrainParams, rows: list[dict], tok, stops: list[int], path
             raise MedtuneError(f"{where}: the prompt tokenises differently before its answer than alone, so evaluation "
                                "would prompt the model differently from training; the template must end the prompt on a "
                                "token boundary (e.g. a newline)")
-        if full[-1] not in stops:
+        if full[-1] not in stops and not r.get("cut_at_max_length"):  # format.overflow=cut loses it on purpose
             raise MedtuneError(f"{where}: the answer ends with {tok.convert_ids_to_tokens(full[-1])!r}, not a token that stops "
                                f"generation ({', '.join(tok.convert_ids_to_tokens(stops))}); the model would never learn to "
                                "stop: check model.chat_template / format.template")
@@ -208,6 +208,7 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         eos_token=eot,  # the completion already ends with it, so trl adds nothing
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: skip DDP's per-step search for unused ones
     )
 
 
@@ -365,13 +366,18 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         "processes": state.num_processes,
     }
     log.info("world size %d, process %d: %s steps done", state.num_processes, state.process_index, metrics["steps"])
+    adapter_state = None
+    if trainer.is_fsdp_enabled:  # the weights are sharded across processes: every process joins in gathering them
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        adapter_state = trainer.accelerator.get_state_dict(trainer.model)
     if not main_process:
         return metrics
     curves_dir.mkdir(parents=True, exist_ok=True)
     plot_loss(history, curves_dir / "loss.png")
     write_json(curves_dir / "log_history.json", history)
     with atomic_dir(out_dir) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        # peft keeps only the adapter's weights of a gathered FSDP state dict
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
         tok.save_pretrained(tmp)
         write_json(tmp / "run_config.json", {
             "params": {"base": dataclasses.asdict(base), "model": dataclasses.asdict(m), "train": dataclasses.asdict(p)},

@@ -363,6 +363,31 @@ def test_format_overflow_drops_or_truncates(tmp_path, split_dir, tiny_model):
     assert all(r["n_tokens"] <= 64 for r in read_jsonl(tmp_path / "cut" / "train.jsonl"))
 
 
+def test_format_overflow_cut_reproduces_plain_trl_truncation_and_train_accepts_it(tmp_path, split_dir, tiny_model):
+    """overflow=cut: long examples are cut at max_length tokens and lose their end token, as a plain trl run
+    truncates them (the baseline of a comparison); train accepts exactly those rows without an end token."""
+    from stages import train
+    from stages.modeling import ModelParams
+
+    m, system = tiny_m(tiny_model), " ".join(["answer the question about the condition"] * 5)
+    kw = {"system_prompt": system, "template": "qa", "max_answer_tokens": 60, "max_length": 64}
+    shortened = format_stage.run(format_params(**kw, overflow="truncate"), m, split_dir, tmp_path / "short")
+    cut = format_stage.run(format_params(**kw, overflow="cut"), m, split_dir, tmp_path / "cut")
+    assert cut["train"]["rows"] >= shortened["train"]["rows"] and cut["train"]["truncated_to_fit"] > 0
+    rows = read_jsonl(tmp_path / "cut" / "train.jsonl")
+    long = [r for r in rows if r.get("cut_at_max_length")]
+    assert len(long) == cut["train"]["truncated_to_fit"]
+    assert all(60 <= r["n_tokens"] <= 64 and not r["completion"].endswith("<eos>") for r in long)
+    assert all(r["completion"].endswith("<eos>") for r in rows if not r.get("cut_at_max_length"))
+    test = read_jsonl(tmp_path / "cut" / "test.jsonl")
+    assert test == read_jsonl(tmp_path / "short" / "test.jsonl")  # test prompts and references do not change
+
+    p = train.TrainParams(**(tiny_params(tiny_model)["train"] | {"max_length": 64, "max_steps": 1, "save_steps": 0}))
+    mp = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    metrics = train.run(p, mp, BaseParams(seed=3), tmp_path / "cut", tmp_path / "adapter", tmp_path / "curves", tmp_path / "ckpt")
+    assert metrics["steps"] == 1 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_format_mcq_template_needs_multiple_choice_rows(tmp_path, split_dir, tiny_model):
     with pytest.raises(MedtuneError, match=r"train.jsonl: format.template=mcq: row '.*' has no options"):
         format_stage.run(format_params(template="mcq"), tiny_m(tiny_model), split_dir, tmp_path / "fmt")
