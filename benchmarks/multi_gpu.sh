@@ -43,7 +43,7 @@ setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/dvcsite .carry/dvcwhl/*.whl
   mkdir -p /tmp/bin && { command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/bin/python; }
   cp .carry/data/medquad.jsonl /tmp/medquad.jsonl
-  rm -rf "$W" && git clone -q .carry/repo.bundle "$W" && cd "$W"
+  rm -rf "$W" && git clone -q -b main .carry/repo.bundle "$W" && cd "$W"
   git config user.email gpu@medtune.invalid && git config user.name "medtune GPU run"
   cp /tmp/medquad.jsonl data/source/medquad.jsonl
   dvc add -q data/source/medquad.jsonl  # the same hash as the committed .dvc file: only puts it in the cache

@@ -7,7 +7,9 @@ Not a DVC stage: it reads the experiments DVC recorded. Run as:
     python -m stages.compare --out reports/compare      # runs `dvc exp show --json --param-deps` itself
     dvc exp show --json --param-deps -A > exps.json && python -m stages.compare --exps exps.json --out reports/compare
 Only the params sections that dvc.yaml's stages depend on are compared (not `check:`, `ui:`, ...).
-Reads params `compare`. Writes compare.md, compare.csv and deltas.png (the deltas with their CIs) to --out.
+`--reference NAME` also compares every run with one named run (e.g. a plain baseline) on the same test
+questions: the paired difference of the tuned models' scores, with its bootstrap CI (params `evaluate`).
+Reads params `compare`, `evaluate`. Writes compare.md, compare.csv and deltas.png (the deltas with their CIs) to --out.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ GROUP_KEYS = ("model.base", "model.revision")  # one base model = one group; the
 SEED_KEY = "base.seed"
 COLUMNS = ["base_model", "revision", "run", "changed_params", "seeds", "n_test", "base", "base_ci_low", "base_ci_high",
            "base_std", "tuned", "tuned_ci_low", "tuned_ci_high", "tuned_std", "delta", "delta_ci_low", "delta_ci_high",
-           "delta_std", "within_noise", "best", "tied_with_best", "tokens_per_s", "peak_memory_mb"]
+           "delta_std", "within_noise", "best", "tied_with_best", "vs_reference", "vs_reference_ci_low",
+           "vs_reference_ci_high", "tokens_per_s", "peak_memory_mb"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +121,7 @@ def same_run(a: dict, b: dict) -> bool:
 def full_metrics(rev: str, path: str, name: str) -> dict:
     """The whole metrics file of a run. `dvc exp show --json` drops list values such as the CIs, so read the
     file itself: from the workspace, or from the run's git commit (DVC commits uncached metrics with the run)."""
-    if rev == "workspace":
-        text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else None
-    else:
-        proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
-        text = proc.stdout if proc.returncode == 0 else None
-    if text is None:
-        raise MedtuneError(f"run {name} ({rev[:7]}): cannot read {path} (compare in the repository the experiments ran in)")
+    text = run_text(rev, path, name)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -194,6 +191,56 @@ def compare(runs: list[dict], p: CompareParams, source: str) -> list[dict]:
     return rows
 
 
+def run_text(rev: str, path: str, name: str) -> str:
+    if rev == "workspace":
+        if Path(path).exists():
+            return Path(path).read_text(encoding="utf-8")
+    else:
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            return proc.stdout
+    raise MedtuneError(f"run {name} ({rev[:7]}): cannot read {path} (compare in the repository the experiments ran in)")
+
+
+def question_scores(run: dict, path: str, metric: str) -> dict[str, float]:
+    """id -> the tuned model's score on that test question, from the run's predictions file."""
+    out = {}
+    for i, line in enumerate(run_text(run["rev"], path, run["name"]).splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                out[str(row["id"])] = float(row[metric])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise MedtuneError(f"{path} of run {run['name']} line {i}: expected a JSON object with 'id' and "
+                                   f"{metric!r}") from None
+    return out
+
+
+def against_reference(rows: list[dict], runs: list[dict], reference: str, predictions: str, p: CompareParams,
+                      ev, seed: int) -> None:
+    """Adds to each row the paired difference of its tuned scores and the reference run's (same questions),
+    mean over its seeds, with the bootstrap CI when it has one seed. A run with other test questions (a split
+    with another seed) is not comparable: left out, and a row of only such runs gets no value."""
+    from stages.evaluate import bootstrap_ci
+
+    ref = [r for r in runs if r["name"] == reference]
+    if not ref:
+        raise MedtuneError(f"--reference {reference}: no finished run of that name (runs: {', '.join(r['name'] for r in runs)})")
+    ref_scores = question_scores(ref[0], predictions, p.metric)
+    by_name = {r["name"]: r for r in runs}
+    for row in rows:
+        diffs = []
+        for name in row["run"].split(", "):
+            scores = question_scores(by_name[name], predictions, p.metric)
+            if set(scores) != set(ref_scores):
+                log.warning("run %s answered other test questions than %s: not compared with it", name, reference)
+                continue
+            diffs.append(np.array([scores[k] - ref_scores[k] for k in sorted(scores)]))
+        row["vs_reference"] = round(float(np.mean([d.mean() for d in diffs])), 4) if diffs else None
+        row["vs_reference_ci_low"], row["vs_reference_ci_high"] = (bootstrap_ci(diffs[0], ev, seed) if len(diffs) == 1
+                                                                   else (None, None))
+
+
 def fmt(row: dict, col: str, signed: bool = False) -> str:
     f = "{:+.4f}" if signed else "{:.4f}"
     if row[f"{col}_std"] is not None:
@@ -201,7 +248,7 @@ def fmt(row: dict, col: str, signed: bool = False) -> str:
     return f"{f.format(row[col])} [{f.format(row[f'{col}_ci_low'])}, {f.format(row[f'{col}_ci_high'])}]"
 
 
-def markdown(rows: list[dict], p: CompareParams) -> str:
+def markdown(rows: list[dict], p: CompareParams, reference: str | None = None) -> str:
     lines = [
         f"# Fine-tunes compared by {p.metric}\n",
         f"{p.metric} F1 of the base model and the tuned model (base + LoRA adapter) on the same test questions, "
@@ -212,12 +259,21 @@ def markdown(rows: list[dict], p: CompareParams) -> str:
         "| base model | revision | run | changed params | seeds | n | base | tuned | delta | within noise | tok/s | peak MB |",
         "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | ---: | ---: |",
     ]
+    if reference:
+        lines[1] += (f"*vs {reference}*: the paired difference of the tuned scores from run {reference}'s on the same "
+                     "questions, with its bootstrap CI (one seed) or the mean over seeds.\n")
+        lines[2] = lines[2].replace(" | within noise |", f" | within noise | vs {reference} |")
+        lines[3] = lines[3].replace(" | --- | ---: | ---: |", " | --- | --- | ---: | ---: |")
     for r in rows:
         name = r["run"] + (" ★" if r["best"] else " (tied)" if r["tied_with_best"] else "")
         cells = [f"`{r['base_model']}`", str(r["revision"] or "-"), name, r["changed_params"] or "-",
                  ", ".join(map(str, r["seeds"])), str(r["n_test"]), fmt(r, "base"), fmt(r, "tuned"),
                  fmt(r, "delta", signed=True), "yes" if r["within_noise"] else "no", f"{r['tokens_per_s']:,.1f}",
                  f"{r['peak_memory_mb']:,.0f}"]
+        if reference:
+            ci = (f" [{r['vs_reference_ci_low']:+.4f}, {r['vs_reference_ci_high']:+.4f}]"
+                  if r["vs_reference_ci_low"] is not None else "")
+            cells.insert(10, "other questions" if r["vs_reference"] is None else f"{r['vs_reference']:+.4f}{ci}")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -256,11 +312,14 @@ def plot(rows: list[dict], p: CompareParams, png: Path) -> None:
     plt.close(fig)
 
 
-def run(p: CompareParams, shown, source: str, files: dict[str, str], sections: set[str], out_dir: Path) -> dict:
+def run(p: CompareParams, shown, source: str, files: dict[str, str], sections: set[str], out_dir: Path,
+        reference: str | None = None, predictions: str = "eval/tuned/predictions.jsonl", ev=None, seed: int = 0) -> dict:
     runs, skipped = runs_from_show(shown, source, files, sections)
     rows = compare(runs, p, source)
+    if reference:
+        against_reference(rows, runs, reference, predictions, p, ev, seed)
     with atomic_dir(out_dir) as tmp:
-        write_text_atomic(tmp / "compare.md", markdown(rows, p))
+        write_text_atomic(tmp / "compare.md", markdown(rows, p, reference))
         write_text_atomic(tmp / "compare.csv", csv_text(rows))
         plot(rows, p, tmp / "deltas.png")
     return {"runs": len(runs), "rows": len(rows), "skipped": skipped,
@@ -285,10 +344,17 @@ def exp_show_json() -> list:
 @click.option("--eval-base", default="metrics/eval_base.json", show_default=True, help="metrics file as named in dvc.yaml")
 @click.option("--eval-tuned", default="metrics/eval_tuned.json", show_default=True, help="metrics file as named in dvc.yaml")
 @click.option("--train", "train_metrics", default="metrics/train.json", show_default=True, help="metrics file as named in dvc.yaml")
-def main(exps_file: Path | None, out_dir: Path, pipeline: Path, eval_base: str, eval_tuned: str, train_metrics: str) -> None:
+@click.option("--reference", help="a run's name: every run is also compared with it, question by question")
+@click.option("--predictions", default="eval/tuned/predictions.jsonl", show_default=True,
+              help="the tuned answers' per-question scores, as named in dvc.yaml (for --reference)")
+def main(exps_file: Path | None, out_dir: Path, pipeline: Path, eval_base: str, eval_tuned: str, train_metrics: str,
+         reference: str | None, predictions: str) -> None:
+    from stages.common import BaseParams
+    from stages.evaluate import EvaluateParams
+
     setup_logging()
     with cli_errors():
-        (p,) = load_params(("compare", CompareParams))
+        p, ev, base = load_params(("compare", CompareParams), ("evaluate", EvaluateParams), ("base", BaseParams))
         log_params("compare", p)
         if exps_file is None:
             source, shown = "dvc exp show --json --param-deps", exp_show_json()
@@ -299,7 +365,7 @@ def main(exps_file: Path | None, out_dir: Path, pipeline: Path, eval_base: str, 
             except json.JSONDecodeError as e:
                 raise MedtuneError(f"{exps_file}:{e.lineno}: malformed JSON ({e.msg})") from None
         files = {"eval_base": eval_base, "eval_tuned": eval_tuned, "train": train_metrics}
-        summary = run(p, shown, source, files, stage_sections(pipeline), out_dir)
+        summary = run(p, shown, source, files, stage_sections(pipeline), out_dir, reference, predictions, ev, base.seed)
     log.info("compared %d runs in %d rows (skipped: %s); best: %s; wrote %s", summary["runs"], summary["rows"],
              summary["skipped"] or "none", summary["best"], out_dir)
 

@@ -59,8 +59,9 @@ class FormatParams:
     max_answer_tokens: int  # longer answers are cut at the last sentence end before this many tokens
     max_length: int  # prompt + completion tokens allowed in train/val
     overflow: Literal["drop", "truncate", "cut"]  # train/val examples over max_length: drop them, shorten the answer to
-    #   fit (it keeps its end token), or cut the tokens at max_length as a plain trl run does (the end token is lost:
-    #   for reproducing such a baseline; the model learns that some answers never stop)
+    #   fit (it keeps its end token), or cut the tokens at max_length as a plain trl run does, without a sentence cut
+    #   first (max_answer_tokens unused; the end token is lost: for reproducing such a baseline, whose model learns
+    #   that some answers never stop)
     disclaimer: Disclaimer | dict  # a mapping in params.yaml: {enabled, text, position, fraction}
 
     def __post_init__(self):
@@ -214,7 +215,8 @@ def run(p: FormatParams, m: ModelParams, in_dir: Path, out_dir: Path) -> dict:
         rows, count = [], {"answers_truncated": 0, "over_max_length": 0, "dropped_too_long": 0, "truncated_to_fit": 0}
         for r in read_jsonl(in_dir / f"{split}.jsonl"):
             try:
-                out = format_row(tok, p, r, p.max_answer_tokens)
+                # cut: no sentence cut first; the only cut is trl's, at max_length tokens
+                out = format_row(tok, p, r, p.max_answer_tokens if p.overflow != "cut" else 10**9)
             except MedtuneError as e:
                 raise MedtuneError(f"{in_dir / f'{split}.jsonl'}: {e}") from None
             if out["n_tokens"] > p.max_length:

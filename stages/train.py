@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -314,8 +315,13 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     # touches the outputs.
     state = PartialState(cpu=not cuda)  # cpu=True: gloo across CPU processes under `accelerate launch`
     main_process = state.is_main_process
+    # under an FSDP config each process loads the model to host memory and FSDP moves only its shard to its GPU
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and p.quantization != "none":  # needs bnb_4bit_quant_storage and a different loading path; not built yet
+        raise MedtuneError(f"train.quantization={p.quantization} under FSDP is not supported: use DDP "
+                           "(configs/accelerate/ddp.yaml) for QLoRA, or quantization none with FSDP")
     if p.quantization == "none":
-        model = load_model(base_path, m, on=state.device)
+        model = load_model(base_path, m, on="cpu" if fsdp else state.device)
     else:  # QLoRA / 8-bit: the frozen base is quantized by bitsandbytes on load; trl prepares it for k-bit training
         from transformers import AutoModelForCausalLM
 

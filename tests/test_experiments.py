@@ -76,6 +76,21 @@ def test_queued_sweep_with_seeds_compared(repo_copy):
     assert " ± " in md and "★" in md
     assert (out_dir / "deltas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # against one named run (a plain baseline, say): question-by-question differences of the tuned scores
+    ref = by_config[(4, 42)]
+    cmd = [sys.executable, "-m", "stages.compare", "--out", "reports/vs", "--reference", ref]
+    proc = subprocess.run(cmd, cwd=repo_copy, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    vs = {r["changed_params"]: r for r in csv.DictReader((repo_copy / "reports/vs/compare.csv").open())}
+    assert (vs["train.lora_r=4"]["vs_reference"], vs["train.lora_r=4"]["vs_reference_ci_low"]) == ("0.0", "0.0")
+    # rank 8: seed 42 has the same test questions; seed 7 split differently, so it is left out of the pairing
+    tuned8_42 = runs[by_config[(8, 42)]]["metrics"]["metrics/eval_tuned.json"]["data"]["rougeL"]
+    assert float(vs["train.lora_r=8"]["vs_reference"]) == pytest.approx(tuned8_42 - float(r4["tuned"]), abs=2e-4)
+    assert "answered other test questions" in proc.stderr
+    assert f"| vs {ref} |" in (repo_copy / "reports/vs/compare.md").read_text()
+    proc = subprocess.run(cmd[:-1] + ["no-such-run"], cwd=repo_copy, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--reference no-such-run: no finished run of that name" in proc.stderr
+
 
 def write_params(path: Path, **sections) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
