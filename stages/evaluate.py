@@ -2,17 +2,25 @@
 answers against the references: ROUGE-1/2/L F1 with bootstrap confidence intervals, token F1, answer
 length, empty and runaway answers. For the tuned model, also the paired tuned - base delta.
 
+With --choice-test FILE, a second test: multiple-choice items (data/benchmarks/pubmedqa_test.jsonl: PubMedQA
+yes/no/maybe) scored by option log-likelihood with the same model and prompt layout (format.render), so a
+tuned model can be checked for lost general reasoning: accuracy, its CI, the majority-label rate, and the
+paired tuned - base delta.
+
 DVC stages `evaluate_base` and `evaluate_tuned` (the base evaluation does not depend on the adapter, so it
 stays cached across training sweeps). Run by hand:
-    python -m stages.evaluate --data data/formatted --out eval/base --metrics metrics/eval_base.json
-    python -m stages.evaluate --data data/formatted --adapter models/adapter --baseline eval/base/predictions.jsonl \
-        --out eval/tuned --metrics metrics/eval_tuned.json
-Reads params `base`, `model`, `evaluate`.
+    python -m stages.evaluate --data data/formatted --choice-test data/benchmarks/pubmedqa_test.jsonl \
+        --out eval/base --metrics metrics/eval_base.json
+    python -m stages.evaluate --data data/formatted --choice-test data/benchmarks/pubmedqa_test.jsonl \
+        --adapter models/adapter --baseline eval/base/predictions.jsonl --out eval/tuned --metrics metrics/eval_tuned.json
+Reads params `base`, `model`, `format`, `evaluate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import logging
 import re
 import string
@@ -37,7 +45,7 @@ from stages.common import (
     write_json,
     write_text_atomic,
 )
-from stages.format import FormatParams
+from stages.format import FormatParams, render
 from stages.modeling import ModelParams, device, load_model, load_tokenizer, resolve_base, stop_token_ids
 
 log = logging.getLogger("medtune.evaluate")
@@ -52,11 +60,14 @@ class EvaluateParams:
     bootstrap_samples: int  # resamples for the confidence intervals
     confidence: float  # e.g. 0.95
     bertscore_model: str | None  # a local folder (or cached hub id) of a scorer model; null: BERTScore skipped
+    choice_max_examples: int  # the first N items (sorted by id) of the --choice-test file; 0: all of them
 
     def problems(self) -> list[str]:
         out = []
         if self.max_examples < 0:
             out.append("max_examples: must be >= 0")
+        if self.choice_max_examples < 0:
+            out.append("choice_max_examples: must be >= 0")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             out.append("max_new_tokens/batch_size: must be >= 1")
         if self.bootstrap_samples < 100:
@@ -278,16 +289,182 @@ def paired_delta(scored: list[dict], baseline: list[dict], p: EvaluateParams, se
     return out
 
 
+# ---------------------------------------------------------------- the second test: multiple choice by log-likelihood
+
+CHOICE_KEYS = ("id", "question", "options", "answer")
+
+
+def choice_item_problem(row) -> str | None:
+    """Why a choice-test line is not {id, question, options, answer, context?}; None when it is."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [k for k in CHOICE_KEYS if k not in row]
+    if missing:
+        return f"missing key {', '.join(map(repr, missing))} (expected {', '.join(CHOICE_KEYS)}, and optionally context)"
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)) or str(row["id"]) == "":
+        return f"id: expected a non-empty string or an integer, got {row['id']!r}"
+    if not isinstance(row["question"], str) or not row["question"].strip():
+        return f"question: expected a non-empty string, got {row['question']!r}"
+    opts = row["options"]
+    if (not isinstance(opts, list) or len(opts) < 2 or len(set(map(str, opts))) != len(opts)
+            or not all(isinstance(o, str) and o.strip() for o in opts)):
+        return f"options: expected a list of at least 2 distinct non-empty strings, got {opts!r}"
+    if row["answer"] not in opts:
+        return f"answer: expected one of the options {opts}, got {row['answer']!r}"
+    if row.get("context") is not None and not isinstance(row["context"], str):
+        return f"context: expected a string (or no context key), got {type(row['context']).__name__}"
+    return None
+
+
+def read_choice_test(path: Path) -> list[dict]:
+    """Every item of a choice-test file, checked; a bad line stops with the file, its line number and why."""
+    if not path.exists():
+        raise MedtuneError(f"{path}: file not found")
+    items, line_of = [], {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MedtuneError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if (why := choice_item_problem(row)) is not None:
+                    raise MedtuneError(f"{path}:{n}: {why}")
+                key = str(row["id"])
+                if key in line_of:
+                    raise MedtuneError(f"{path}:{n}: id: {key!r} repeats the id of line {line_of[key]}")
+                line_of[key] = n
+                items.append(row | {"id": key})
+    except UnicodeDecodeError as e:
+        raise MedtuneError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not items:
+        raise MedtuneError(f"{path}: no choice-test items")
+    return items
+
+
+def choice_prompt(tok, fmt: FormatParams, item: dict) -> str:
+    """The prompt as training lays it out (format.render): context, a blank line, the question, and a line asking
+    for one of the item's options ("Answer yes, no or maybe.")."""
+    opts = item["options"]
+    ask = f"Answer {', '.join(opts[:-1])} or {opts[-1]}."
+    question = "\n\n".join(x for x in (item.get("context"), item["question"]) if x) + "\n" + ask
+    return render(tok, fmt, {"id": item["id"], "question": question})[0]
+
+
+def choice_inputs(tok, fmt: FormatParams, items: list[dict]) -> dict[tuple, list]:
+    """What the model reads to score each option: prompt + option tokens without the last one (the scored tokens
+    are predicted from the positions before them) -> [(item index, option index, the option's token ids)].
+    Options one token long all read just the prompt, so identical inputs are run once."""
+    prompts = [choice_prompt(tok, fmt, it) for it in items]
+    heads = tok(prompts)["input_ids"]
+    flat = [(i, j) for i, it in enumerate(items) for j in range(len(it["options"]))]
+    fulls = tok([prompts[i] + items[i]["options"][j] for i, j in flat])["input_ids"]
+    inputs: dict[tuple, list] = {}
+    for (i, j), full in zip(flat, fulls):
+        head = heads[i]
+        if len(full) <= len(head) or full[: len(head)] != head:
+            raise MedtuneError(f"choice test item {items[i]['id']!r}: the prompt's tokens are not a prefix of the tokens "
+                               f"of prompt + option {items[i]['options'][j]!r}, so the option cannot be scored alone")
+        inputs.setdefault(tuple(full[:-1]), []).append((i, j, full[len(head):]))
+    return inputs
+
+
+def option_logprobs(model, tok, items: list[dict], inputs: dict[tuple, list], batch_size: int) -> list[list[float]]:
+    """Per item, per option: the summed log-probs of the option's tokens after the prompt (not normalised by
+    length: yes/no/maybe are one token each in gemma's vocabulary; longer options of other sets score lower).
+
+    Inputs of similar length are batched and padded on the left (position ids from the attention mask), so
+    every option's tokens sit at the end and only the last few positions' logits are computed: gemma's
+    vocabulary is 262k."""
+    import torch
+    from tqdm import tqdm
+
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = [[0.0] * len(it["options"]) for it in items]
+    order = sorted(inputs, key=len)
+    for start in tqdm(range(0, len(order), batch_size), desc="choice test", unit="batch"):
+        batch = order[start : start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=model.device)
+        keep = max(len(t) for x in batch for _, _, t in inputs[x])
+        kw = {"logits_to_keep": keep} if keeps_logits else {}
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **kw).logits
+        logp = logits[:, -keep:].float().log_softmax(-1)
+        for row, x in enumerate(batch):
+            for i, j, targets in inputs[x]:
+                pos = torch.arange(keep - len(targets), keep, device=logp.device)
+                out[i][j] = float(logp[row, pos, torch.tensor(targets, device=logp.device)].sum())
+    return out
+
+
+def score_choices(model, tok, items: list[dict], inputs: dict[tuple, list], p: EvaluateParams) -> list[dict]:
+    """Score each item's options and pick the most likely one (ties: the first listed)."""
+    # a small batch: each input holds a whole abstract, and even a few positions' logits span the vocabulary
+    scores = option_logprobs(model, tok, items, inputs, min(p.batch_size, 8))
+    out = []
+    for it, lp in zip(items, scores):
+        choice = it["options"][int(np.argmax(lp))]
+        out.append({"id": it["id"], "answer": it["answer"], "choice": choice, "correct": choice == it["answer"],
+                    "logprobs": {o: round(v, 4) for o, v in zip(it["options"], lp)}})
+    return out
+
+
+def choice_summary(preds: list[dict], p: EvaluateParams, seed: int) -> dict:
+    v = np.array([float(c["correct"]) for c in preds])
+    majority = Counter(c["answer"] for c in preds).most_common(1)[0][1] / len(preds)
+    return {"choice_n": len(preds), "choice_accuracy": round(float(v.mean()), 4), "choice_accuracy_ci": bootstrap_ci(v, p, seed),
+            "choice_majority_rate": round(majority, 4)}
+
+
+def choice_delta(preds: list[dict], base_by_id: dict[str, dict], p: EvaluateParams, seed: int) -> dict:
+    """tuned - base choice accuracy on the same items, with a paired bootstrap CI."""
+    d = np.array([float(c["correct"]) - float(base_by_id[c["id"]]["correct"]) for c in preds])
+    return {"delta_choice_accuracy": round(float(d.mean()), 4), "delta_choice_accuracy_ci": bootstrap_ci(d, p, seed)}
+
+
+def read_choice_baseline(path: Path, items: list[dict]) -> dict[str, dict]:
+    """The base model's choice predictions for these items (checked before any model is loaded)."""
+    if not path.exists():
+        raise MedtuneError(f"{path}: not found; re-run evaluate_base with --choice-test for the paired choice delta")
+    by_id = {str(b.get("id")): b for b in read_jsonl(path)}
+    missing = [it["id"] for it in items if it["id"] not in by_id]
+    if missing:
+        raise MedtuneError(f"{path}: lacks {len(missing)} of the {len(items)} choice-test ids (e.g. {missing[0]}); "
+                           "re-run evaluate_base with the same --choice-test file and evaluate.choice_max_examples")
+    return by_id
+
+
 def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out_dir: Path,
-        adapter: Path | None = None, baseline: Path | None = None, disclaimer: str | None = None) -> dict:
-    """`disclaimer`: the text format adds to answers (format.disclaimer), whose rate in the answers is measured."""
+        adapter: Path | None = None, baseline: Path | None = None, disclaimer: str | None = None,
+        choice_test: Path | None = None, fmt: FormatParams | None = None) -> dict:
+    """`disclaimer`: the text format adds to answers (format.disclaimer), whose rate in the answers is measured.
+    `choice_test`: a second, multiple-choice test, whose prompts are rendered with `fmt` (the format params)."""
     set_seed(base.seed)
     rows = read_jsonl(data_dir / "test.jsonl")
     rows = sorted(rows, key=lambda r: str(r["id"]))[: p.max_examples or None]
     if not rows:
         raise MedtuneError(f"{data_dir / 'test.jsonl'}: no test questions")
+    items, base_choices = [], None
+    if choice_test is not None:  # every input check before the model loads
+        if fmt is None:
+            raise ValueError("choice_test needs fmt: the format params its prompts are rendered with")
+        if fmt.template == "mcq":
+            raise MedtuneError(f"{choice_test}: format.template=mcq letters the options; the choice test is scored "
+                               "with the chat, alpaca or qa template")
+        items = sorted(read_choice_test(choice_test), key=lambda it: it["id"])[: p.choice_max_examples or None]
+        if baseline is not None:
+            base_choices = read_choice_baseline(baseline.parent / "choice_predictions.jsonl", items)
     base_path, _ = resolve_base(m)
     tok = load_tokenizer(base_path, m)
+    try:
+        inputs = choice_inputs(tok, fmt, items) if items else {}
+    except MedtuneError as e:
+        raise MedtuneError(f"{choice_test}: {e}") from None
     model = load_model(base_path, m)
     if adapter is not None:
         from peft import PeftModel
@@ -324,10 +501,22 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
         for s in scored:  # one file with both answers side by side
             b = base_by_id[s["id"]]
             s |= {"base_prediction": b["prediction"], "base_rougeL": b["rougeL"]}
+    choices = []
+    if items:
+        t0 = time.perf_counter()
+        choices = score_choices(model, tok, items, inputs, p)
+        metrics |= choice_summary(choices, p, base.seed)
+        if base_choices is not None:
+            metrics |= choice_delta(choices, base_choices, p, base.seed)
+            for c in choices:
+                c["base_choice"] = base_choices[c["id"]]["choice"]
+        metrics["choice_s"] = round(time.perf_counter() - t0, 1)
     metrics["generation_s"] = round(gen_s, 1)
     metrics["device"] = device()
     with atomic_dir(out_dir) as tmp:
         write_text_atomic(tmp / "predictions.jsonl", jsonl_text(scored))
+        if items:
+            write_text_atomic(tmp / "choice_predictions.jsonl", jsonl_text(choices))
         write_json(tmp / "breakdown.json", breakdown(rows, scored))
         if base_scored is not None:
             write_text_atomic(tmp / "examples.md", examples_page(scored, base_scored))
@@ -338,17 +527,22 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path), help="evaluate base + this adapter")
 @click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="base predictions, for the paired delta")
+@click.option("--choice-test", "choice_test", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a second test: multiple-choice items (JSON lines: id, question, context, options, answer) scored by option log-likelihood")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--metrics", "metrics_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
-def main(data_dir: Path, adapter: Path | None, baseline: Path | None, out_dir: Path, metrics_file: Path) -> None:
+def main(data_dir: Path, adapter: Path | None, baseline: Path | None, choice_test: Path | None, out_dir: Path, metrics_file: Path) -> None:
     setup_logging()
     with cli_errors():
         base, m, f, p = load_params(("base", BaseParams), ("model", ModelParams), ("format", FormatParams), ("evaluate", EvaluateParams))
         log_params("evaluate", p)
         # the disclaimer rate is measured whether or not training added it (off: the rate the data has)
-        metrics = run(p, m, base, data_dir, out_dir, adapter, baseline, disclaimer=f.disclaimer.text)
+        metrics = run(p, m, base, data_dir, out_dir, adapter, baseline, disclaimer=f.disclaimer.text, choice_test=choice_test, fmt=f)
         write_json(metrics_file, metrics)
     log.info("%s: rougeL %.4f %s (n=%d)", "tuned" if adapter else "base", metrics["rougeL"], metrics["rougeL_ci"], metrics["n"])
+    if "choice_n" in metrics:
+        log.info("choice test: accuracy %.4f %s (n=%d, majority label %.4f)", metrics["choice_accuracy"],
+                 metrics["choice_accuracy_ci"], metrics["choice_n"], metrics["choice_majority_rate"])
 
 
 if __name__ == "__main__":

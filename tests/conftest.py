@@ -73,7 +73,7 @@ def tiny_params(tiny_model: Path) -> dict:
     p["split"].update(val_frac=0.2, test_frac=0.2)
     p["format"].update(max_answer_tokens=48, max_length=96)
     p["train"].update(max_steps=4, batch_size=2, save_steps=2, logging_steps=1, learning_rate=1e-3)
-    p["evaluate"].update(max_examples=4, max_new_tokens=8, batch_size=4, bootstrap_samples=200)
+    p["evaluate"].update(max_examples=4, max_new_tokens=8, batch_size=4, bootstrap_samples=200, choice_max_examples=3)
     p["merge"].update(check_prompts=2, check_new_tokens=4)
     return p
 
@@ -92,6 +92,7 @@ def repo_copy(tmp_path, tiny_model) -> Path:
     (dst / "data" / "source").mkdir(parents=True)
     shutil.copy(ASSETS / "medquad_tiny.jsonl", dst / "data" / "source" / "medquad_tiny.jsonl")
     shutil.copy(REPO / "data" / "source" / "DATA_CARD.md", dst / "data" / "source" / "DATA_CARD.md")  # merge's model card cites it
+    shutil.copytree(REPO / "data" / "benchmarks", dst / "data" / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))  # evaluate's choice test
     (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model), sort_keys=False))
     env = os.environ.copy()
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"], ["git", "config", "user.name", "t"],

@@ -1,17 +1,21 @@
-"""train -> evaluate -> merge on a tiny model built in a fixture (seconds, CPU, no network)."""
+"""train -> evaluate (and its multiple-choice second test) -> merge on a tiny model built in a fixture (seconds, CPU,
+no network)."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from stages import clean, evaluate, fetch, format as format_stage, merge, split, train
-from stages.common import BaseParams, read_jsonl
+from stages.common import BaseParams, MedtuneError, read_jsonl
 from stages.modeling import ModelParams
 from tests.conftest import ASSETS, tiny_params
 
@@ -338,3 +342,132 @@ def test_epochs_when_max_steps_is_off(tmp_path, tiny_model, formatted):
     n_train = len(read_jsonl(formatted / "train.jsonl"))
     _, m = train_with(tmp_path, tiny_model, formatted, max_steps=-1, epochs=1.0, batch_size=8)
     assert m["steps"] == math.ceil(n_train / 8)
+
+
+# ---------------------------------------------------------------- the second test: multiple choice by log-likelihood
+
+CHOICE_OPTIONS = [["rare", "common", "not known"], ["inherited", "not inherited"], ["no", "it is", "unknown"]]
+
+
+@pytest.fixture(scope="module")
+def choice_file(tmp_path_factory, tiny_rows) -> Path:
+    """Six items in the choice-test shape. The tiny tokenizer knows only the fixture's words, so the options are
+    words of the fixture; some are two tokens long, and one item has no context (other sets may lack it)."""
+    items = []
+    for k in range(6):
+        opts = CHOICE_OPTIONS[k % 3]
+        r = tiny_rows[k]
+        item = {"id": f"choice/{k}", "question": r["question"], "context": f"BACKGROUND: {r['answer']}\nRESULTS: it is rare",
+                "options": opts, "answer": opts[k % len(opts)]}
+        items.append(item if k != 4 else {x: v for x, v in item.items() if x != "context"})
+    path = tmp_path_factory.mktemp("choice") / "choice.jsonl"
+    path.write_text("".join(json.dumps(it) + "\n" for it in reversed(items)))  # unsorted: the stage sorts by id
+    return path
+
+
+def fmt_params(tiny_model, **kw):
+    return section(format_stage.FormatParams, tiny_model, "format", **kw)
+
+
+def test_choice_test_scores_each_option_and_the_tuned_run_has_the_paired_delta(tmp_path, trained, tiny_model, formatted, choice_file):
+    d, _ = trained
+    p = section(evaluate.EvaluateParams, tiny_model, "evaluate")  # choice_max_examples=3
+    args = (model_params(tiny_model), BASE, formatted)
+    kw = {"choice_test": choice_file, "fmt": fmt_params(tiny_model)}
+    base = evaluate.run(p, *args, tmp_path / "base", **kw)
+    tuned = evaluate.run(p, *args, tmp_path / "tuned", adapter=d / "adapter", baseline=tmp_path / "base" / "predictions.jsonl", **kw)
+    items = {it["id"]: it for it in read_jsonl(choice_file)}
+    for m, name in ((base, "base"), (tuned, "tuned")):
+        preds = read_jsonl(tmp_path / name / "choice_predictions.jsonl")
+        assert m["choice_n"] == len(preds) == p.choice_max_examples == 3
+        assert [r["id"] for r in preds] == sorted(items)[:3]  # the first N by id
+        for r in preds:
+            it = items[r["id"]]
+            assert sorted(r["logprobs"]) == sorted(it["options"]) and all(v < 0 for v in r["logprobs"].values())
+            assert r["choice"] == max(it["options"], key=r["logprobs"].get) and r["answer"] == it["answer"]
+            assert r["correct"] == (r["choice"] == r["answer"])
+        lo, hi = m["choice_accuracy_ci"]
+        assert 0 <= lo <= m["choice_accuracy"] <= hi <= 1
+        assert m["choice_accuracy"] == pytest.approx(sum(r["correct"] for r in preds) / 3, abs=1e-4)
+        assert m["choice_majority_rate"] == pytest.approx(max(Counter(r["answer"] for r in preds).values()) / 3, abs=1e-4)
+    assert "delta_choice_accuracy" not in base
+    lo, hi = tuned["delta_choice_accuracy_ci"]
+    assert lo <= tuned["delta_choice_accuracy"] <= hi
+    assert tuned["delta_choice_accuracy"] == pytest.approx(tuned["choice_accuracy"] - base["choice_accuracy"], abs=1e-3)
+    base_preds = {r["id"]: r for r in read_jsonl(tmp_path / "base" / "choice_predictions.jsonl")}
+    assert all(r["base_choice"] == base_preds[r["id"]]["choice"] for r in read_jsonl(tmp_path / "tuned" / "choice_predictions.jsonl"))
+
+    every = section(evaluate.EvaluateParams, tiny_model, "evaluate", choice_max_examples=0)
+    with pytest.raises(MedtuneError, match=r"choice_predictions\.jsonl: lacks 3 of the 6 choice-test ids .*re-run evaluate_base"):
+        evaluate.run(every, *args, tmp_path / "tuned2", adapter=d / "adapter", baseline=tmp_path / "base" / "predictions.jsonl", **kw)
+    assert not (tmp_path / "tuned2").exists()
+    assert evaluate.run(every, *args, tmp_path / "all", **kw)["choice_n"] == 6
+
+
+def test_batched_padded_option_scores_equal_one_sequence_at_a_time(tiny_model, choice_file):
+    """Left padding, deduplicated inputs and logits kept for the last positions only must not shift an offset."""
+    from stages.modeling import load_model, load_tokenizer
+
+    m = model_params(tiny_model)
+    tok, model = load_tokenizer(tiny_model, m), load_model(tiny_model, m).eval()
+    for fmt in (fmt_params(tiny_model), fmt_params(tiny_model, template="alpaca", system_prompt="Answer briefly .")):
+        items = evaluate.read_choice_test(choice_file)
+        inputs = evaluate.choice_inputs(tok, fmt, items)
+        assert len({len(x) for x in inputs}) > 4 and {len(t) for v in inputs.values() for _, _, t in v} == {1, 2}
+        batched = evaluate.option_logprobs(model, tok, items, inputs, batch_size=4)
+        for it, scores in zip(items, batched):
+            prompt = evaluate.choice_prompt(tok, fmt, it)
+            assert prompt == format_stage.render(tok, fmt, {"id": it["id"], "question": prompt_question(it)})[0]
+            n = len(tok(prompt)["input_ids"])
+            for option, got in zip(it["options"], scores):
+                ids = tok(prompt + option, return_tensors="pt")["input_ids"]
+                with torch.no_grad():
+                    logp = model(ids).logits[0].float().log_softmax(-1)
+                want = sum(float(logp[k - 1, ids[0, k]]) for k in range(n, ids.shape[1]))
+                assert got == pytest.approx(want, abs=1e-4), (it["id"], option)
+
+
+def prompt_question(item: dict) -> str:
+    """The question text the choice test renders, spelled out: context, blank line, question, what to answer."""
+    opts = item["options"]
+    head = f"{item['context']}\n\n" if item.get("context") else ""
+    return f"{head}{item['question']}\nAnswer {', '.join(opts[:-1])} or {opts[-1]}."
+
+
+GOOD_ITEM = {"id": "a", "question": "Is it rare ?", "options": ["rare", "common"], "answer": "rare"}
+
+
+@pytest.mark.parametrize("lines, error", [
+    ([json.dumps(GOOD_ITEM), '{"id": "b", "question": "Is it common ?",', json.dumps(GOOD_ITEM | {"id": "c"})],
+     r"bad\.jsonl:2: malformed JSON"),
+    ([json.dumps(GOOD_ITEM), "", json.dumps(GOOD_ITEM | {"id": "b", "answer": "often"})],
+     r"bad\.jsonl:3: answer: expected one of the options \['rare', 'common'\], got 'often'"),
+    ([json.dumps({k: v for k, v in GOOD_ITEM.items() if k != "options"})], r"bad\.jsonl:1: missing key 'options'"),
+    ([json.dumps(GOOD_ITEM), json.dumps(GOOD_ITEM)], r"bad\.jsonl:2: id: 'a' repeats the id of line 1"),
+])
+def test_a_malformed_choice_test_names_the_file_and_line_and_writes_nothing(tmp_path, tiny_model, formatted, lines, error):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(MedtuneError, match=error):
+        evaluate.run(section(evaluate.EvaluateParams, tiny_model, "evaluate"), model_params(tiny_model), BASE, formatted,
+                     tmp_path / "out", choice_test=bad, fmt=fmt_params(tiny_model))
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_cli_reports_a_malformed_choice_test_in_one_line(tmp_path, tiny_model, formatted, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model)))
+    (tmp_path / "bad.jsonl").write_text(json.dumps(GOOD_ITEM) + "\nnot json\n")
+    result = CliRunner().invoke(evaluate.main, ["--data", str(formatted), "--choice-test", "bad.jsonl", "--out", "out",
+                                                "--metrics", "m.json"])
+    assert result.exit_code == 1 and "bad.jsonl:2: malformed JSON" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_an_option_whose_tokens_merge_with_the_prompt_is_refused(tiny_model, choice_file, monkeypatch):
+    from stages.modeling import load_tokenizer
+
+    monkeypatch.setattr(evaluate, "choice_prompt", lambda tok, fmt, item: "is it")  # "is it" + "rare" = "is itrare"
+    with pytest.raises(MedtuneError, match=r"choice test item 'choice/\d': the prompt's tokens are not a prefix"):
+        evaluate.choice_inputs(load_tokenizer(tiny_model, model_params(tiny_model)), fmt_params(tiny_model),
+                               evaluate.read_choice_test(choice_file))
