@@ -60,7 +60,7 @@ def main(model_dir: Path, data: Path, out: Path, n: int, max_new_tokens: int, ba
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(dev).eval()
     stops = stop_token_ids(tok, model)
     p = EvaluateParams(max_examples=0, max_new_tokens=max_new_tokens, batch_size=batch, bootstrap_samples=100,
-                       confidence=0.95, bertscore_model=None)
+                       confidence=0.95, bertscore_model=None, choice_max_examples=0)
 
     def plain(batch_prompts, **kw):
         tok.padding_side = "left"
