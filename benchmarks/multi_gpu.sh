@@ -10,7 +10,8 @@
 #                `accelerate launch` with configs/accelerate/ddp.yaml and fsdp.yaml on 2 GPUs; tokens/s each
 #   sweep NAME   queue the experiments of benchmarks/sweeps/NAME.sh and start DVC queue workers pinned to
 #                GPUs (tools/queue_per_gpu.sh; the workers are daemons, so they outlive the call)
-#   wait SECS    until the queue is empty or SECS pass: progress, GPU use, finished experiments' metrics
+#   wait SECS    until the queue is empty or SECS pass: progress, GPU use, finished experiments' metrics (keep
+#                SECS well below the call's limit: a call cut at its limit returns no output)
 #   collect      `dvc exp show` exports, the experiments as a git bundle, logs, into $OUT
 set -euo pipefail
 # NVLink multicast stays off on these machines (it can take the host's GPUs out of service)
@@ -97,7 +98,7 @@ sweep)
   q() { local name=$1; shift; dvc exp run --queue -n "$name" "$@" 2>&1 | tail -1; }
   # shellcheck source=/dev/null
   source "$CHECKOUT/benchmarks/sweeps/$2.sh"
-  bash tools/queue_per_gpu.sh ${GPU_SLOTS:-0 1 0 1 0 1}
+  bash tools/queue_per_gpu.sh ${GPU_SLOTS:-0 1 0 1}  # two per GPU: three made each run > 9 min
   ;;
 wait)
   cd "$W"

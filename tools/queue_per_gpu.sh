@@ -5,6 +5,7 @@
 #   dvc exp run --queue -S train.lora_r=8
 #   dvc exp run --queue -S train.lora_r=16
 #   tools/queue_per_gpu.sh            # all GPUs nvidia-smi lists; or: tools/queue_per_gpu.sh 0 1
+#   tools/queue_per_gpu.sh 0 1 0 1    # two workers per GPU (small models leave a GPU partly idle)
 #   dvc queue status; dvc exp show --only-changed
 #
 # Each worker inherits the environment it was started with; `dvc queue stop` stops them all.
@@ -20,7 +21,8 @@ fi
 n=0
 for g in "${gpus[@]}"; do
   n=$((n + 1))
-  CUDA_VISIBLE_DEVICES="$g" dvc queue start -j "$n"
+  # setsid: the worker gets its own session, so it keeps running when the shell that started it ends
+  CUDA_VISIBLE_DEVICES="$g" setsid dvc queue start -j "$n" < /dev/null
   for _ in $(seq 60); do
     active=$(dvc queue status 2>/dev/null | sed -n 's/^Worker status: \([0-9]*\) active, \([0-9]*\) idle.*/\1 \2/p' | awk '{print $1+$2}')
     [ "${active:-0}" -ge "$n" ] && break
