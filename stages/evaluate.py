@@ -4,8 +4,13 @@ length, empty and runaway answers. For the tuned model, also the paired tuned - 
 
 With --choice-test FILE, a second test: multiple-choice items (data/benchmarks/pubmedqa_test.jsonl: PubMedQA
 yes/no/maybe) scored by option log-likelihood with the same model and prompt layout (format.render), so a
-tuned model can be checked for lost general reasoning: accuracy, its CI, the majority-label rate, and the
-paired tuned - base delta.
+tuned model can be checked for lost general reasoning: accuracy, its CI, the majority-label rate, how often
+each option was chosen, and the paired tuned - base delta. Two scores per option: the raw one, log p(option |
+prompt), and a calibrated one, that minus log p(option | a content-free prompt of the same layout: no
+context, question "N/A"), i.e. contextual calibration (Zhao et al. 2021, "Calibrate Before Use", ICML; the
+domain-conditional PMI of Holtzman et al. 2021, "Surface Form Competition"). The raw score mostly follows
+the model's prior for the first word of an answer (on the H100, the base gemma-3-270m picked "yes" for
+~all 500 items and every tuned adapter "no"); the calibrated one measures how far the item moves it.
 
 DVC stages `evaluate_base` and `evaluate_tuned` (the base evaluation does not depend on the adapter, so it
 stays cached across training sweeps). Run by hand:
@@ -402,29 +407,67 @@ def option_logprobs(model, tok, items: list[dict], inputs: dict[tuple, list], ba
     return out
 
 
+def content_free_items(items: list[dict]) -> list[dict]:
+    """One content-free item per distinct option list, in first-seen order: no context and the question "N/A",
+    so its prompt has the items' layout and "Answer ..." line but no evidence (Zhao et al. 2021). Scored
+    with the items (choice_inputs(tok, fmt, items + content_free_items(items))): one more input per list."""
+    lists = dict.fromkeys(tuple(it["options"]) for it in items)
+    return [{"id": "content-free: " + "/".join(o), "question": "N/A", "options": list(o), "answer": o[0]} for o in lists]
+
+
+def choice_scores(model, tok, items: list[dict], inputs: dict[tuple, list],
+                  batch_size: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Per item, per option: (log p(option | the item's prompt), log p(option | the content-free prompt of its
+    option list)). `inputs` must come from choice_inputs(tok, fmt, items + content_free_items(items))."""
+    free = content_free_items(items)
+    scores = option_logprobs(model, tok, items + free, inputs, batch_size)
+    prior = {tuple(f["options"]): s for f, s in zip(free, scores[len(items):])}
+    return scores[: len(items)], [prior[tuple(it["options"])] for it in items]
+
+
 def score_choices(model, tok, items: list[dict], inputs: dict[tuple, list], p: EvaluateParams) -> list[dict]:
-    """Score each item's options and pick the most likely one (ties: the first listed)."""
+    """Score each item's options and pick the most likely one (ties: the first listed), raw and calibrated
+    (log-prob minus the content-free prompt's log-prob of the same option)."""
     # a small batch: each input holds a whole abstract, and even a few positions' logits span the vocabulary
-    scores = option_logprobs(model, tok, items, inputs, min(p.batch_size, 8))
+    raw, prior = choice_scores(model, tok, items, inputs, min(p.batch_size, 8))
     out = []
-    for it, lp in zip(items, scores):
+    for it, lp, lp0 in zip(items, raw, prior):
         choice = it["options"][int(np.argmax(lp))]
+        calibrated = it["options"][int(np.argmax(np.array(lp) - np.array(lp0)))]
         out.append({"id": it["id"], "answer": it["answer"], "choice": choice, "correct": choice == it["answer"],
-                    "logprobs": {o: round(v, 4) for o, v in zip(it["options"], lp)}})
+                    "calibrated_choice": calibrated, "calibrated_correct": calibrated == it["answer"],
+                    "logprobs": {o: round(v, 4) for o, v in zip(it["options"], lp)},
+                    "prior_logprobs": {o: round(v, 4) for o, v in zip(it["options"], lp0)}})
     return out
+
+
+def answer_counts(preds: list[dict], key: str) -> dict[str, int]:
+    """Option -> how many items chose it, every option listed (0 too), in the items' option order."""
+    counts = dict.fromkeys((o for c in preds for o in c["logprobs"]), 0)
+    for c in preds:
+        counts[c[key]] += 1
+    return counts
 
 
 def choice_summary(preds: list[dict], p: EvaluateParams, seed: int) -> dict:
     v = np.array([float(c["correct"]) for c in preds])
+    cal = np.array([float(c["calibrated_correct"]) for c in preds])
     majority = Counter(c["answer"] for c in preds).most_common(1)[0][1] / len(preds)
     return {"choice_n": len(preds), "choice_accuracy": round(float(v.mean()), 4), "choice_accuracy_ci": bootstrap_ci(v, p, seed),
-            "choice_majority_rate": round(majority, 4)}
+            "choice_calibrated_accuracy": round(float(cal.mean()), 4),
+            "choice_calibrated_accuracy_ci": bootstrap_ci(cal, p, seed),
+            "choice_majority_rate": round(majority, 4),
+            "choice_answer_counts": answer_counts(preds, "choice"),
+            "choice_calibrated_answer_counts": answer_counts(preds, "calibrated_choice")}
 
 
 def choice_delta(preds: list[dict], base_by_id: dict[str, dict], p: EvaluateParams, seed: int) -> dict:
-    """tuned - base choice accuracy on the same items, with a paired bootstrap CI."""
-    d = np.array([float(c["correct"]) - float(base_by_id[c["id"]]["correct"]) for c in preds])
-    return {"delta_choice_accuracy": round(float(d.mean()), 4), "delta_choice_accuracy_ci": bootstrap_ci(d, p, seed)}
+    """tuned - base choice accuracy (raw and calibrated) on the same items, with paired bootstrap CIs."""
+    out = {}
+    for key, name in (("correct", "choice_accuracy"), ("calibrated_correct", "choice_calibrated_accuracy")):
+        d = np.array([float(c[key]) - float(base_by_id[c["id"]][key]) for c in preds])
+        out |= {f"delta_{name}": round(float(d.mean()), 4), f"delta_{name}_ci": bootstrap_ci(d, p, seed)}
+    return out
 
 
 def read_choice_baseline(path: Path, items: list[dict]) -> dict[str, dict]:
@@ -436,6 +479,10 @@ def read_choice_baseline(path: Path, items: list[dict]) -> dict[str, dict]:
     if missing:
         raise MedtuneError(f"{path}: lacks {len(missing)} of the {len(items)} choice-test ids (e.g. {missing[0]}); "
                            "re-run evaluate_base with the same --choice-test file and evaluate.choice_max_examples")
+    old = [it["id"] for it in items if "calibrated_correct" not in by_id[it["id"]]]
+    if old:
+        raise MedtuneError(f"{path}: {len(old)} of the {len(items)} items have no calibrated choice (e.g. {old[0]}: "
+                           "no 'calibrated_correct'; written before calibrated scoring); re-run evaluate_base")
     return by_id
 
 
@@ -461,8 +508,8 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
             base_choices = read_choice_baseline(baseline.parent / "choice_predictions.jsonl", items)
     base_path, _ = resolve_base(m)
     tok = load_tokenizer(base_path, m)
-    try:
-        inputs = choice_inputs(tok, fmt, items) if items else {}
+    try:  # the items' prompts and, for the calibrated scores, one content-free prompt per option list
+        inputs = choice_inputs(tok, fmt, items + content_free_items(items)) if items else {}
     except MedtuneError as e:
         raise MedtuneError(f"{choice_test}: {e}") from None
     model = load_model(base_path, m)
@@ -509,7 +556,8 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
         if base_choices is not None:
             metrics |= choice_delta(choices, base_choices, p, base.seed)
             for c in choices:
-                c["base_choice"] = base_choices[c["id"]]["choice"]
+                b = base_choices[c["id"]]
+                c |= {"base_choice": b["choice"], "base_calibrated_choice": b["calibrated_choice"]}
         metrics["choice_s"] = round(time.perf_counter() - t0, 1)
     metrics["generation_s"] = round(gen_s, 1)
     metrics["device"] = device()
@@ -541,8 +589,10 @@ def main(data_dir: Path, adapter: Path | None, baseline: Path | None, choice_tes
         write_json(metrics_file, metrics)
     log.info("%s: rougeL %.4f %s (n=%d)", "tuned" if adapter else "base", metrics["rougeL"], metrics["rougeL_ci"], metrics["n"])
     if "choice_n" in metrics:
-        log.info("choice test: accuracy %.4f %s (n=%d, majority label %.4f)", metrics["choice_accuracy"],
-                 metrics["choice_accuracy_ci"], metrics["choice_n"], metrics["choice_majority_rate"])
+        log.info("choice test: accuracy %.4f %s, calibrated %.4f %s (n=%d, majority label %.4f); chosen %s, "
+                 "calibrated %s", metrics["choice_accuracy"], metrics["choice_accuracy_ci"],
+                 metrics["choice_calibrated_accuracy"], metrics["choice_calibrated_accuracy_ci"], metrics["choice_n"],
+                 metrics["choice_majority_rate"], metrics["choice_answer_counts"], metrics["choice_calibrated_answer_counts"])
 
 
 if __name__ == "__main__":

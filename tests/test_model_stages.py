@@ -386,16 +386,40 @@ def test_choice_test_scores_each_option_and_the_tuned_run_has_the_paired_delta(t
             assert sorted(r["logprobs"]) == sorted(it["options"]) and all(v < 0 for v in r["logprobs"].values())
             assert r["choice"] == max(it["options"], key=r["logprobs"].get) and r["answer"] == it["answer"]
             assert r["correct"] == (r["choice"] == r["answer"])
-        lo, hi = m["choice_accuracy_ci"]
-        assert 0 <= lo <= m["choice_accuracy"] <= hi <= 1
-        assert m["choice_accuracy"] == pytest.approx(sum(r["correct"] for r in preds) / 3, abs=1e-4)
+            # calibrated: the option whose log-prob rose most over the content-free prompt's (values rounded to 1e-4)
+            assert sorted(r["prior_logprobs"]) == sorted(it["options"]) and all(v < 0 for v in r["prior_logprobs"].values())
+            gain = {o: r["logprobs"][o] - r["prior_logprobs"][o] for o in it["options"]}
+            assert gain[r["calibrated_choice"]] >= max(gain.values()) - 2e-4
+            assert r["calibrated_correct"] == (r["calibrated_choice"] == r["answer"])
+        for key, correct in (("choice_accuracy", "correct"), ("choice_calibrated_accuracy", "calibrated_correct")):
+            lo, hi = m[f"{key}_ci"]
+            assert 0 <= lo <= m[key] <= hi <= 1
+            assert m[key] == pytest.approx(sum(r[correct] for r in preds) / 3, abs=1e-4)
         assert m["choice_majority_rate"] == pytest.approx(max(Counter(r["answer"] for r in preds).values()) / 3, abs=1e-4)
-    assert "delta_choice_accuracy" not in base
-    lo, hi = tuned["delta_choice_accuracy_ci"]
-    assert lo <= tuned["delta_choice_accuracy"] <= hi
-    assert tuned["delta_choice_accuracy"] == pytest.approx(tuned["choice_accuracy"] - base["choice_accuracy"], abs=1e-3)
+        every_option = [o for opts in CHOICE_OPTIONS for o in opts]  # items 0-2 have the three option lists
+        for key, chosen in (("choice_answer_counts", "choice"), ("choice_calibrated_answer_counts", "calibrated_choice")):
+            assert list(m[key]) == every_option and sum(m[key].values()) == m["choice_n"]
+            assert m[key] == {o: sum(r[chosen] == o for r in preds) for o in every_option}
+    assert "delta_choice_accuracy" not in base and "delta_choice_calibrated_accuracy" not in base
+    for key in ("choice_accuracy", "choice_calibrated_accuracy"):
+        lo, hi = tuned[f"delta_{key}_ci"]
+        assert lo <= tuned[f"delta_{key}"] <= hi
+        assert tuned[f"delta_{key}"] == pytest.approx(tuned[key] - base[key], abs=1e-3)
     base_preds = {r["id"]: r for r in read_jsonl(tmp_path / "base" / "choice_predictions.jsonl")}
-    assert all(r["base_choice"] == base_preds[r["id"]]["choice"] for r in read_jsonl(tmp_path / "tuned" / "choice_predictions.jsonl"))
+    for r in read_jsonl(tmp_path / "tuned" / "choice_predictions.jsonl"):
+        assert (r["base_choice"], r["base_calibrated_choice"]) == (base_preds[r["id"]]["choice"], base_preds[r["id"]]["calibrated_choice"])
+
+    # a base run written before calibrated scoring: the tuned run stops before loading a model and names the file
+    old = tmp_path / "old_base"
+    old.mkdir()
+    (old / "predictions.jsonl").write_text((tmp_path / "base" / "predictions.jsonl").read_text())
+    (old / "choice_predictions.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k not in ("calibrated_choice", "calibrated_correct", "prior_logprobs")}) + "\n"
+        for r in base_preds.values()))
+    with pytest.raises(MedtuneError, match=r"old_base/choice_predictions\.jsonl: 3 of the 3 items have no calibrated choice "
+                                           r"\(e\.g\. choice/0: no 'calibrated_correct'.*; re-run evaluate_base"):
+        evaluate.run(p, *args, tmp_path / "tuned_old", adapter=d / "adapter", baseline=old / "predictions.jsonl", **kw)
+    assert not (tmp_path / "tuned_old").exists()
 
     every = section(evaluate.EvaluateParams, tiny_model, "evaluate", choice_max_examples=0)
     with pytest.raises(MedtuneError, match=r"choice_predictions\.jsonl: lacks 3 of the 6 choice-test ids .*re-run evaluate_base"):
@@ -425,6 +449,38 @@ def test_batched_padded_option_scores_equal_one_sequence_at_a_time(tiny_model, c
                     logp = model(ids).logits[0].float().log_softmax(-1)
                 want = sum(float(logp[k - 1, ids[0, k]]) for k in range(n, ids.shape[1]))
                 assert got == pytest.approx(want, abs=1e-4), (it["id"], option)
+
+
+def test_calibrated_scores_equal_logp_after_the_prompt_minus_logp_after_the_content_free_prompt(tiny_model, choice_file):
+    """One sequence at a time, with the content-free prompt spelled out: no context, "N/A", the same answer line."""
+    from stages.modeling import load_model, load_tokenizer
+
+    m = model_params(tiny_model)
+    tok, model = load_tokenizer(tiny_model, m), load_model(tiny_model, m).eval()
+
+    def logp(prompt: str, option: str) -> float:
+        n = len(tok(prompt)["input_ids"])
+        ids = tok(prompt + option, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            lp = model(ids).logits[0].float().log_softmax(-1)
+        return sum(float(lp[k - 1, ids[0, k]]) for k in range(n, ids.shape[1]))
+
+    fmt = fmt_params(tiny_model)
+    items = evaluate.read_choice_test(choice_file)
+    free = evaluate.content_free_items(items)
+    assert [f["options"] for f in free] == [items[0]["options"], items[1]["options"], items[2]["options"]]  # one per list
+    inputs = evaluate.choice_inputs(tok, fmt, items + free)
+    raw, prior = evaluate.choice_scores(model, tok, items, inputs, batch_size=4)
+    for it, lp, lp0 in zip(items, raw, prior):
+        prompt = evaluate.choice_prompt(tok, fmt, it)
+        opts = it["options"]
+        free_prompt = format_stage.render(tok, fmt, {"id": "x", "question": f"N/A\nAnswer {', '.join(opts[:-1])} or {opts[-1]}."})[0]
+        for option, got, got0 in zip(opts, lp, lp0):
+            want = logp(prompt, option) - logp(free_prompt, option)
+            assert got - got0 == pytest.approx(want, abs=1e-4), (it["id"], option)
+    rows = evaluate.score_choices(model, tok, items, inputs, section(evaluate.EvaluateParams, tiny_model, "evaluate"))
+    for r, it, lp, lp0 in zip(rows, items, raw, prior):
+        assert r["calibrated_choice"] == it["options"][max(range(len(lp)), key=lambda j: lp[j] - lp0[j])]
 
 
 def prompt_question(item: dict) -> str:
