@@ -114,6 +114,25 @@ wait)
   tail -4 "$OUT/gpu_use.log"
   dvc exp show --csv --drop '.*' --keep 'Experiment|rougeL$|delta_rougeL$|runaway_rate|choice_accuracy$|train_loss$|wall_s' 2>/dev/null | tee "$OUT/progress.csv" | head -30
   ;;
+queue-smoke)  # two queued experiments on a tiny model (.carry/qs, made from the test fixtures), one worker per GPU
+  [ -d /tmp/dvcsite ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/dvcsite .carry/dvcwhl/*.whl
+  mkdir -p /tmp/bin && { command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/bin/python; }
+  rm -rf /tmp/qs /tmp/qs-model && cp -r .carry/qs/repo /tmp/qs && cp -r .carry/qs/tiny-model /tmp/qs-model && cd /tmp/qs
+  git init -q && git config user.email gpu@medtune.invalid && git config user.name "medtune GPU run"
+  dvc init -q && git add -A && git commit -qm "tiny queue check"
+  dvc exp run --queue -n gpu-a -S train.lora_r=4 train 2>&1 | tail -1
+  dvc exp run --queue -n gpu-b -S train.lora_r=8 train 2>&1 | tail -1
+  bash "$CHECKOUT/tools/queue_per_gpu.sh" 0 1 2>&1 | tail -4
+  for _ in $(seq 60); do  # which GPU each running process is on, every 2 s
+    nvidia-smi --query-compute-apps=gpu_uuid,pid,used_memory --format=csv,noheader | sed "s/^/$(date +%T) /" >> "$OUT/gpu_apps.log"
+    dvc queue status 2>/dev/null | grep -q -E "Running|Queued" || break
+    sleep 2
+  done
+  nvidia-smi --query-gpu=index,uuid --format=csv,noheader > "$OUT/gpus.txt"
+  dvc queue status | tee "$OUT/queue_status.txt"
+  dvc exp show --csv --drop '.*' --keep 'Experiment|State|lora_r$|steps$|tokens_per_s$|train_loss$|device$' 2>&1 | tee "$OUT/exp_show.csv"
+  for n in gpu-a gpu-b; do dvc queue logs "$n" 2>&1 | grep -E "world size|cuda|saved adapter|Error|error" | head -5 | sed "s/^/$n: /"; done
+  ;;
 collect)
   cd "$W"
   dvc exp show --json > "$OUT/exp_show.json" 2>/dev/null || true
