@@ -3,9 +3,9 @@
 # 10 minutes; the machine stays warm about 30 s between calls). Run from the carried checkout, after
 # `source .carry/gpu-tools/bootstrap.sh` (wheels in /tmp/site) and, for `sweep`, the gemma model chain
 # (/tmp/models/gemma-3-270m). Results go to $OUT.
-#   setup        DVC's wheels (.carry/dvcwhl) into /tmp/dvcsite; a clone of .carry/repo.bundle in /tmp/work
-#                with data/source/medquad.jsonl (.carry/data) in DVC's cache; the protocol's data stages
-#                (recipes/holdout_baseline.yaml) started in the background
+#   setup        DVC's wheels (.carry/dvcwhl) into /tmp/dvcsite; a clone of .carry/repo.bundle in /tmp/work;
+#                the protocol's data stages (recipes/holdout_baseline.yaml) started in the background;
+#                MedQuAD as JSON lines (.carry/data) for make_llama_shape.py
 #   scaling      a Llama-3.2-1B-shaped model (random weights): the `train` stage alone on 1 GPU, then under
 #                `accelerate launch` with configs/accelerate/ddp.yaml and fsdp.yaml on 2 GPUs; tokens/s each
 #   sweep NAME   queue the experiments of benchmarks/sweeps/NAME.sh and start DVC queue workers pinned to
@@ -46,9 +46,6 @@ setup)
   cp .carry/data/medquad.jsonl /tmp/medquad.jsonl
   rm -rf "$W" && git clone -q -b main .carry/repo.bundle "$W" && cd "$W"
   git config user.email gpu@medtune.invalid && git config user.name "medtune GPU run"
-  cp /tmp/medquad.jsonl data/source/medquad.jsonl
-  dvc add -q data/source/medquad.jsonl  # the same hash as the committed .dvc file: only puts it in the cache
-  git status --short
   protocol_params model.base=/tmp/models/gemma-3-270m model.revision=null
   # fetch, clean and split do not need the model: start them now (CPU), commit once they are done
   setsid nohup bash -c 'dvc repro split > /tmp/logs/data_stages.log 2>&1; echo $? > /tmp/logs/data_stages.rc' >/dev/null 2>&1 &
