@@ -13,6 +13,15 @@
 #   wait SECS    until the queue is empty or SECS pass: progress, GPU use, finished experiments' metrics (keep
 #                SECS well below the call's limit: a call cut at its limit returns no output)
 #   collect      `dvc exp show` exports, the experiments as a git bundle, logs, into $OUT
+#
+# The call chain used (device tool, kind nvidia-h100-x2; .whl and .carry/ are git-excluded, made by
+# ../shared/tools/gpu/{wheels,model-chunks}.sh, a pip download of dvc==3.67.1 into .carry/dvcwhl, and
+# `git bundle create .carry/repo.bundle HEAD main` after the last commit):
+#   1  carry .whl .carry/gpu-tools             source .carry/gpu-tools/bootstrap.sh
+#   2  carry .carry/{gpu-tools,dvcwhl,data,repo.bundle}   bash benchmarks/multi_gpu.sh setup
+#   3-6 carry .carry/gpu-tools .carry/gemma/0N  bash .carry/gpu-tools/model-assemble.sh
+#   7  carry .carry/gpu-tools .carry/gemma/04   assemble in the background (setsid) + multi_gpu.sh scaling
+#   8  multi_gpu.sh sweep round1; 9.. multi_gpu.sh wait 480; last: multi_gpu.sh collect
 set -euo pipefail
 # NVLink multicast stays off on these machines (it can take the host's GPUs out of service)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
