@@ -35,11 +35,7 @@ def main(recipe: Path | None, sets: tuple[str, ...], only: str, times: Path | No
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
         params[section][name] = yaml.safe_load(value)
-    try:
-        problems = check_all(params)
-    except ImportError as e:  # a bare GPU box lacks the serving extras that `validate` imports; the stages still check
-        click.echo(f"run_stages: params not pre-validated ({e})", err=True)
-        problems = []
+    problems = check_all(params)
     if problems:
         raise click.ClickException("; ".join(problems))
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

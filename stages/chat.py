@@ -73,6 +73,17 @@ class ChatParams:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeParams:
+    """params.yaml `serve:` (used by stages/serve.py). Kept here, beside ChatParams, so that checking params
+    (`stages.validate`) needs no web framework."""
+
+    max_request_bytes: int  # larger request bodies are refused with 413
+
+    def problems(self) -> list[str]:
+        return ["max_request_bytes: must be >= 1024"] if self.max_request_bytes < 1024 else []
+
+
 class RequestError(MedtuneError):
     """A bad question or generation setting from the user (HTTP 400 in `serve`)."""
 

@@ -16,7 +16,6 @@ chat.max_prompt_tokens and malformed requests get 400, in OpenAI's error format.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -36,6 +35,7 @@ from stages.chat import (
     ChatModel,
     ChatParams,
     RequestError,
+    ServeParams,
     load_base,
     load_tuned,
     model_folder,
@@ -43,14 +43,6 @@ from stages.chat import (
 from stages.common import MedtuneError, cli_errors, load_params, setup_logging
 
 log = logging.getLogger("medtune.serve")
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeParams:
-    max_request_bytes: int  # larger request bodies are refused with 413
-
-    def problems(self) -> list[str]:
-        return ["max_request_bytes: must be >= 1024"] if self.max_request_bytes < 1024 else []
 
 
 class Message(BaseModel):

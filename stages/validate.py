@@ -13,13 +13,13 @@ from stages.common import BaseParams, cli_errors, parse_section, read_params_fil
 
 
 def sections() -> dict:
-    from stages import card, chat, check, clean, compare, evaluate, fetch, format, merge, report, serve, split, train, ui
+    from stages import card, chat, check, clean, compare, evaluate, fetch, format, merge, report, split, train, ui
     from stages.modeling import ModelParams
 
     return {"base": BaseParams, "model": ModelParams, "fetch": fetch.FetchParams, "clean": clean.CleanParams,
             "split": split.SplitParams, "format": format.FormatParams, "train": train.TrainParams,
             "evaluate": evaluate.EvaluateParams, "merge": merge.MergeParams, "card": card.CardParams,
-            "chat": chat.ChatParams, "serve": serve.ServeParams, "ui": ui.UIParams,
+            "chat": chat.ChatParams, "serve": chat.ServeParams, "ui": ui.UIParams,
             "report": report.ReportParams, "compare": compare.CompareParams, "check": check.CheckParams}
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from stages import clean, evaluate, fetch, merge, train
 from stages.common import MedtuneError
 from stages.modeling import ModelParams, resolve_base
-from tests.conftest import ASSETS, tiny_params
+from tests.conftest import ASSETS, REPO, tiny_params
 from tests.test_data_stages import BASE, clean_params, fetch_params
 from tests.test_model_stages import formatted, model_params, section, train_params  # noqa: F401 (fixture)
 
@@ -52,6 +52,17 @@ def test_hub_model_must_be_pinned(tmp_path, tiny_model, monkeypatch):
     p = tiny_params(tiny_model)
     p["model"].update(base="google/gemma-3-270m", revision=None)
     assert any("model.revision: pin the base model" in x for x in check_all(p))
+
+
+def test_params_check_needs_no_serving_libraries(tmp_path):
+    """A training machine without the serving extras (fastapi, gradio) still checks params.yaml."""
+    import subprocess
+    import sys
+
+    block = "import sys; sys.modules.update(fastapi=None, gradio=None, uvicorn=None); from stages.validate import main; main()"
+    proc = subprocess.run([sys.executable, "-c", block, "--params", str(REPO / "params.yaml")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("params.yaml: ok"), proc.stderr[-2000:]
 
 
 def test_pickle_weights_are_refused(tmp_path, tiny_model):
