@@ -31,7 +31,7 @@ import click
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from anywhere: import the project's stages
 
-H100_BF16_FLOPS = 989e12  # dense bf16 peak, H100 SXM (vendor datasheet)
+H100_BF16_FLOPS = 989e12  # dense bf16 peak, H100 SXM and H200 alike (vendor datasheets)
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                 rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001)
@@ -98,10 +98,12 @@ def matmul_params(model) -> int:
 
 
 def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmup: int, quantization: str = "none",
-            cudnn_sdp: bool = True, attn: str | None = None) -> dict:
+            cudnn_sdp: bool = True, attn: str | None = None, logprob_chunk: int | None = None) -> dict:
     import datasets
     import torch
     from trl import SFTTrainer
+
+    from stages.modeling import use_varlen_attention
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -110,12 +112,22 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         # cuDNN's SDPA kernel builds a plan per new shape (seconds each); off, SDPA uses the other fused kernels
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     model = model_fn(quantization)
-    if attn:  # another attention kernel, e.g. flex_attention (block masks for packed rows; ships with torch)
+    if attn == "varlen":  # what the train stage sets for padding-free rows (stages.modeling.use_varlen_attention)
+        use_varlen_attention(model)
+    elif attn:  # another attention kernel, e.g. sdpa over the flattened row, or flex_attention (ships with torch)
         model.set_attn_implementation(attn)
     timer = StepTimer(warmup)
+    import trl.trainer.utils as trl_utils
+
+    default_chunk = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    if logprob_chunk:  # what-if: the vocabulary width of trl's fused LM-head tiles (its buffer is 4096 x this)
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = logprob_chunk
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=peft_config, callbacks=[timer.callback])
-    out = trainer.train()
+    try:
+        out = trainer.train()
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default_chunk
     n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_frozen = matmul_params(trainer.model)
     cfg = model.config.get_text_config()
@@ -123,14 +135,14 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     bs = args.per_device_train_batch_size
     lengths = [len(r["input_ids"]) for r in rows[: bs * (steps + warmup)]]
     s = sum(lengths) / len(lengths)
-    seconds = trainer_seconds = timer.t1 - timer.t0
+    seconds = timer.t1 - timer.t0
     real_tps = (timer.tok1 - timer.tok0) / seconds
     flops_per_token = 4 * n_frozen + 6 * n_lora + 6 * cfg.num_hidden_layers * s * d_attn
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = {
         "config": name,
         "real_tokens_per_s": round(real_tps),
-        "seconds_per_step": round(trainer_seconds / timer.steps, 4),
+        "seconds_per_step": round(seconds / timer.steps, 4),
         "mfu": round(real_tps * flops_per_token / H100_BF16_FLOPS, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "mean_real_seq_len": round(s, 1),
@@ -144,6 +156,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "quantization": quantization,
         "cudnn_sdp": cudnn_sdp,
         "attn_implementation": model.config._attn_implementation,
+        "use_liger_kernel": args.use_liger_kernel,
+        "trl_logprob_chunk": logprob_chunk or default_chunk,
         "gradient_checkpointing": args.gradient_checkpointing,
         "packing": args.packing,
         "max_length": args.max_length,
@@ -154,6 +168,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         torch.backends.cuda.enable_cudnn_sdp(True)
     return result
 
+
+RUN_KEYS = ("cudnn_sdp", "attn", "trl_logprob_chunk")  # variant keys that are neither train params nor SFTConfig fields
 
 SUITES = {  # name -> (model, batch size, max length, packing)
     "gemma": ("gemma-3-270m (real weights)", 16, 512, False),
@@ -171,7 +187,8 @@ SUITES = {  # name -> (model, batch size, max length, packing)
 @click.option("--suite", "suites", multiple=True, type=click.Choice(list(SUITES)), help="default: all of them")
 @click.option("--template", default="gemma3_base", show_default=True, help="chat template in stages/templates/")
 @click.option("--variant", "variants", multiple=True,
-              help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, plus "cudnn_sdp": false and "attn"; '
+              help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, plus "cudnn_sdp": false, "attn" '
+                   '(varlen, sdpa, flex_attention; default: varlen for padding-free rows) and "trl_logprob_chunk"; '
                    'e.g. bs64={"batch_size": 64}; a NAME starting with "llama:" or "gemma:" runs only in that suite')
 def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites: tuple[str, ...], template: str,
          variants: tuple[str, ...]) -> None:
@@ -204,7 +221,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
         ours_p = dataclasses.replace(recipe, max_steps=steps + warmup, batch_size=bs, grad_accum=1, save_steps=0, eval_steps=0,
                                      max_length=max_length, packing=packing)
-        out = [("baseline: trl defaults", baseline, lora, "none", True, None)]
+        out = [("baseline: trl defaults", baseline, lora, "none", True, None, None)]
         specs = [("medtune", {})] + [tuple(v.split("=", 1)) for v in variants]
         for name, changes in specs:
             changes = json.loads(changes) if isinstance(changes, str) else changes
@@ -214,10 +231,13 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
             cfg = train.sft_config(p, seed=0, ckpt_dir=Path(f"/tmp/bench-{suite}-{name}"), eot=eot, cuda=cuda)
             cfg.logging_steps, cfg.completion_only_loss = 1, True  # pre-tokenized rows carry a completion_mask
             for k, v in changes.items():
-                if k not in fields and k not in ("cudnn_sdp", "attn"):
+                if k not in fields and k not in RUN_KEYS:
                     setattr(cfg, k, v)
             label = name if not changes else f"medtune {name}: {json.dumps(changes)}"
-            out.append((label, cfg, train.lora_config(p), p.quantization, changes.get("cudnn_sdp", True), changes.get("attn")))
+            # the train stage's attention choice: the varlen kernel for padding-free rows (train.run does the same)
+            attn = changes.get("attn", "varlen" if p.padding_free or p.packing else None)
+            out.append((label, cfg, train.lora_config(p), p.quantization, changes.get("cudnn_sdp", True), attn,
+                        changes.get("trl_logprob_chunk")))
         return out
 
     def gemma(quantization: str):
@@ -243,9 +263,10 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         need = 4 * bs * (steps + warmup + 2) * (max_length // 512 if packing else 1)  # packed rows hold ~4-6 examples
         cap = None if suite == "gemma" else LLAMA_1B["vocab_size"]
         rows = tokenized_pool(data, tok, need, max_answer_tokens=448, vocab_cap=cap)
-        for name, cfg, peft_cfg, quant, cudnn, attn in runs_for(suite, bs, max_length, packing):
+        for name, cfg, peft_cfg, quant, cudnn, attn, chunk in runs_for(suite, bs, max_length, packing):
             try:
-                r = run_one(name, gemma if suite == "gemma" else llama, tok, rows, cfg, peft_cfg, steps, warmup, quant, cudnn, attn)
+                r = run_one(name, gemma if suite == "gemma" else llama, tok, rows, cfg, peft_cfg, steps, warmup, quant, cudnn,
+                            attn, chunk)
             except Exception as e:  # one configuration that cannot run here does not cost the others
                 r = {"config": name, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
                 torch.backends.cuda.enable_cudnn_sdp(True)

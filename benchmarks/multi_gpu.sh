@@ -3,9 +3,10 @@
 # 10 minutes; the machine stays warm about 30 s between calls). Run from the carried checkout, after
 # `source .carry/gpu-tools/bootstrap.sh` (wheels in /tmp/site) and, for `sweep`, the gemma model chain
 # (/tmp/models/gemma-3-270m). Results go to $OUT.
-#   setup        DVC's wheels (.carry/dvcwhl) into /tmp/dvcsite; a clone of .carry/repo.bundle in /tmp/work;
-#                the protocol's data stages (recipes/holdout_baseline.yaml) started in the background;
-#                MedQuAD as JSON lines (.carry/data) for make_llama_shape.py
+#   setup        DVC's wheels (.carry/dvcwhl, with datasketch for clean/split) into /tmp/dvcsite; a clone of
+#                .carry/repo.bundle in /tmp/work; the protocol's data stages (recipes/holdout_baseline.yaml) started
+#                in the background; MedQuAD as JSON lines in /tmp/medquad.jsonl (from the bundled pool) for the
+#                benchmarks and make_llama_shape.py
 #   scaling      a Llama-3.2-1B-shaped model (random weights): the `train` stage alone on 1 GPU, then under
 #                `accelerate launch` with configs/accelerate/ddp.yaml and fsdp.yaml on 2 GPUs; tokens/s each
 #   sweep NAME   queue the experiments of benchmarks/sweeps/NAME.sh and start DVC queue workers pinned to
@@ -52,7 +53,8 @@ case "${1:-}" in
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/dvcsite .carry/dvcwhl/*.whl
   mkdir -p /tmp/bin && { command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/bin/python; }
-  cp .carry/data/medquad.jsonl /tmp/medquad.jsonl
+  # MedQuAD as JSON lines for the benchmarks, from the pool bundled in the checkout
+  python3 -c "import pandas as pd; pd.read_parquet('data/source/medquad_pool.parquet').to_json('/tmp/medquad.jsonl', orient='records', lines=True, force_ascii=False)"
   rm -rf "$W" && git clone -q -b main .carry/repo.bundle "$W" && cd "$W"
   git config user.email gpu@medtune.invalid && git config user.name "medtune GPU run"
   protocol_params model.base=/tmp/models/gemma-3-270m model.revision=null

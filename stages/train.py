@@ -35,7 +35,17 @@ from stages.common import (
     setup_logging,
     write_json,
 )
-from stages.modeling import ModelParams, device, device_name, load_model, load_tokenizer, resolve_base, stop_token_ids, versions
+from stages.modeling import (
+    ModelParams,
+    device,
+    device_name,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+    stop_token_ids,
+    use_varlen_attention,
+    versions,
+)
 
 log = logging.getLogger("medtune.train")
 
@@ -328,6 +338,8 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization_config(p), dtype=torch.bfloat16,
                                                      device_map={"": state.local_process_index}, trust_remote_code=m.trust_remote_code,
                                                      use_safetensors=True)
+    if p.padding_free or p.packing:  # per-sequence attention; SDPA would attend over the whole flattened batch
+        use_varlen_attention(model)
     if main_process:
         last_checkpoint(ckpt_dir, fingerprint(p, m, base, data_file=data_dir / "train.jsonl"))
     state.wait_for_everyone()
@@ -368,6 +380,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         "wall_s": round(wall, 1),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_params": trainable,
+        "attn_implementation": model.config._attn_implementation,
         "resumed": bool(resume),
         "processes": state.num_processes,
     }

@@ -168,6 +168,11 @@ def test_padding_free_batches_give_the_same_loss_as_padded_ones(tmp_path, tiny_m
     free = train.run(train_params(tiny_model, batch_size=4, save_steps=0, padding_free=True), *args, tmp_path / "a2", tmp_path / "c2", tmp_path / "k2")
     assert free["train_loss"] == pytest.approx(padded["train_loss"], rel=1e-4)
     assert free["tokens_trained"] == padded["tokens_trained"]
+    # attention runs per sequence (tests/test_attention.py), also through recomputed (checkpointed) layers
+    assert (padded["attn_implementation"], free["attn_implementation"]) == ("sdpa", "medtune_varlen")
+    gc = train.run(train_params(tiny_model, batch_size=4, save_steps=0, padding_free=True, gradient_checkpointing=True),
+                   *args, tmp_path / "a3", tmp_path / "c3", tmp_path / "k3")
+    assert gc["train_loss"] == pytest.approx(padded["train_loss"], rel=1e-4)
 
 
 def test_loss_is_on_answer_tokens_only_and_the_end_of_turn_token_is_trained(tiny_model, formatted, tmp_path):
