@@ -11,7 +11,8 @@ linear layers, bf16:
             dropout 0.05, as trl and peft set them);
 - medtune:  the `train` stage's own SFTConfig (stages.train.sft_config) with `recipes/gpu.yaml`'s params;
 - variants: the recipe with some params changed (--variant NAME=JSON).
-Reported per run: non-padding tokens/s, padding share, MFU, peak GPU memory, seconds per step, loss.
+Reported per run: non-padding tokens/s (over all timed steps, and steady: without the steps that compiled a
+kernel for a new shape, see StepTimer), padding share, MFU (steady), peak GPU memory, median seconds per step, loss.
 MFU = tokens/s x (4 N_frozen + 6 N_lora + 6 L s d_attn) / 989e12, where N counts matmul parameters
 (the tied LM head once), s is the mean real sequence length and d_attn = heads x head_dim: a forward pass is
 2N FLOPs per token, the backward pass 2N for activation gradients plus 2N_lora for LoRA weight gradients;
@@ -60,24 +61,44 @@ def tokenized_pool(data: Path, tok, n: int, max_answer_tokens: int, vocab_cap: i
 
 
 class StepTimer:
-    """Times optimizer steps after a warm-up, with CUDA synchronised, and counts real tokens."""
+    """Times every optimizer step after a warm-up, with CUDA synchronised, with the real tokens it trained on.
+
+    `steady` leaves out steps over 3x the median step: one-time Triton/cuDNN compiles for a batch shape not seen
+    before (seconds each, also after the warm-up, and only where the kernel caches on disk are still cold: the
+    first run in a fresh machine paid them, the same run on the same machine later did not). A long training
+    run pays them once; a 12-step benchmark would count them as its speed."""
 
     def __init__(self, warmup: int):
         from transformers import TrainerCallback
 
         timer = self
+        self.ends: list[tuple[float, int]] = []  # (time, tokens seen) at the end of each step from the warm-up's last
 
         class CB(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                if state.global_step == warmup:
-                    sync()
-                    timer.t0, timer.tok0 = time.perf_counter(), state.num_input_tokens_seen
-
             def on_step_end(self, args, state, control, **kw):
-                sync()
-                timer.t1, timer.tok1, timer.steps = time.perf_counter(), state.num_input_tokens_seen, state.global_step - warmup
+                if state.global_step >= warmup:
+                    sync()
+                    timer.ends.append((time.perf_counter(), state.num_input_tokens_seen))
 
         self.callback = CB()
+
+    def steps(self) -> list[tuple[float, int]]:
+        """(seconds, real tokens) of each timed step."""
+        return [(t1 - t0, k1 - k0) for (t0, k0), (t1, k1) in zip(self.ends, self.ends[1:])]
+
+    def summary(self) -> dict:
+        import statistics
+
+        steps = self.steps()
+        median = statistics.median(s for s, _ in steps)
+        steady = [(s, k) for s, k in steps if s <= 3 * median]
+        return {
+            "all": sum(k for _, k in steps) / sum(s for s, _ in steps),
+            "steady": sum(k for _, k in steady) / sum(s for s, _ in steady),
+            "median_step_s": median,
+            "slow_steps_s": [round(s, 3) for s, _ in steps if s > 3 * median],
+            "timed_steps": len(steps),
+        }
 
 
 def sync() -> None:
@@ -135,15 +156,16 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     bs = args.per_device_train_batch_size
     lengths = [len(r["input_ids"]) for r in rows[: bs * (steps + warmup)]]
     s = sum(lengths) / len(lengths)
-    seconds = timer.t1 - timer.t0
-    real_tps = (timer.tok1 - timer.tok0) / seconds
+    timing = timer.summary()
     flops_per_token = 4 * n_frozen + 6 * n_lora + 6 * cfg.num_hidden_layers * s * d_attn
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = {
         "config": name,
-        "real_tokens_per_s": round(real_tps),
-        "seconds_per_step": round(seconds / timer.steps, 4),
-        "mfu": round(real_tps * flops_per_token / H100_BF16_FLOPS, 4),
+        "real_tokens_per_s": round(timing["all"]),  # every timed step, one-time kernel compiles included
+        "real_tokens_per_s_steady": round(timing["steady"]),  # without them (StepTimer): the ratios to compare
+        "slow_steps_s": timing["slow_steps_s"],
+        "seconds_per_step": round(timing["median_step_s"], 4),  # median
+        "mfu": round(timing["steady"] * flops_per_token / H100_BF16_FLOPS, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "mean_real_seq_len": round(s, 1),
         "padding_share_if_padded": round(1 - s / (sum(max(lengths[i:i + bs]) for i in range(0, len(lengths), bs)) / len(range(0, len(lengths), bs))), 3),
@@ -152,7 +174,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "train_loss": round(out.training_loss, 4),
         "n_frozen_matmul_params": n_frozen,
         "n_lora_params": n_lora,
-        "timed_steps": timer.steps,
+        "timed_steps": timing["timed_steps"],
         "quantization": quantization,
         "cudnn_sdp": cudnn_sdp,
         "attn_implementation": model.config._attn_implementation,

@@ -107,11 +107,23 @@ def runs_from_show(shown, source: str, files: dict[str, str], sections: set[str]
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         if not params:
             raise MedtuneError(f"{source}: run {name}: no params.yaml params recorded")
-        runs.append({"name": name, "rev": rev, "params": flatten({k: v for k, v in params.items() if k in sections}),
-                     "paths": files, **{key: full_metrics(rev, path, name) for key, path in files.items()}})
+        run = {"name": name, "rev": rev, "params": flatten({k: v for k, v in params.items() if k in sections}),
+               "paths": files, **{key: full_metrics(rev, path, name) for key, path in files.items()}}
+        run["base_only"] = not own_tuned_evaluation(run)
+        runs.append(run)
     # the workspace usually repeats HEAD's run: keep it only when it differs from every commit and experiment
     runs = [r for r in runs if r["rev"] != "workspace" or not any(same_run(r, o) for o in runs if o["rev"] != "workspace")]
     return runs, skipped
+
+
+def own_tuned_evaluation(run: dict) -> bool:
+    """Whether the run's tuned metrics were paired with its own base evaluation: tuned - delta is the base score
+    it was paired with (both are means over the same questions). An experiment that ran only `evaluate_base`
+    (the base model in another prompt layout, say) carries the tuned metrics of the commit it started from."""
+    tuned, base, key = run["eval_tuned"], run["eval_base"], next(k for k in ("rougeL", "rouge1", "token_f1") if k in run["eval_base"])
+    if key not in tuned or f"delta_{key}" not in tuned:
+        return False
+    return abs(tuned[key] - tuned[f"delta_{key}"] - base[key]) <= 3e-4  # three values rounded to 4 decimals
 
 
 def same_run(a: dict, b: dict) -> bool:
@@ -217,16 +229,17 @@ def question_scores(run: dict, path: str, metric: str) -> dict[str, float]:
 
 
 def against_reference(rows: list[dict], runs: list[dict], reference: str, predictions: str, p: CompareParams,
-                      ev, seed: int) -> None:
+                      ev, seed: int, reference_predictions: str | None = None) -> None:
     """Adds to each row the paired difference of its tuned scores and the reference run's (same questions),
     mean over its seeds, with the bootstrap CI when it has one seed. A run with other test questions (a split
-    with another seed) is not comparable: left out, and a row of only such runs gets no value."""
+    with another seed) is not comparable: left out, and a row of only such runs gets no value. The reference's
+    scores come from `reference_predictions` (e.g. its base model's answers), else from the same file."""
     from stages.evaluate import bootstrap_ci
 
     ref = [r for r in runs if r["name"] == reference]
     if not ref:
         raise MedtuneError(f"--reference {reference}: no finished run of that name (runs: {', '.join(r['name'] for r in runs)})")
-    ref_scores = question_scores(ref[0], predictions, p.metric)
+    ref_scores = question_scores(ref[0], reference_predictions or predictions, p.metric)
     by_name = {r["name"]: r for r in runs}
     for row in rows:
         diffs = []
@@ -248,7 +261,7 @@ def fmt(row: dict, col: str, signed: bool = False) -> str:
     return f"{f.format(row[col])} [{f.format(row[f'{col}_ci_low'])}, {f.format(row[f'{col}_ci_high'])}]"
 
 
-def markdown(rows: list[dict], p: CompareParams, reference: str | None = None) -> str:
+def markdown(rows: list[dict], p: CompareParams, reference: str | None = None, reference_predictions: str | None = None) -> str:
     lines = [
         f"# Fine-tunes compared by {p.metric}\n",
         f"{p.metric} F1 of the base model and the tuned model (base + LoRA adapter) on the same test questions, "
@@ -260,8 +273,9 @@ def markdown(rows: list[dict], p: CompareParams, reference: str | None = None) -
         "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | ---: | ---: |",
     ]
     if reference:
-        lines[1] += (f"*vs {reference}*: the paired difference of the tuned scores from run {reference}'s on the same "
-                     "questions, with its bootstrap CI (one seed) or the mean over seeds.\n")
+        theirs = f"the scores in its {reference_predictions}" if reference_predictions else "its tuned scores"
+        lines[1] += (f"*vs {reference}*: the paired difference of the tuned scores from run {reference}'s ({theirs}) "
+                     "on the same questions, with its bootstrap CI (one seed) or the mean over seeds.\n")
         lines[2] = lines[2].replace(" | within noise |", f" | within noise | vs {reference} |")
         lines[3] = lines[3].replace(" | --- | ---: | ---: |", " | --- | --- | ---: | ---: |")
     for r in rows:
@@ -313,13 +327,18 @@ def plot(rows: list[dict], p: CompareParams, png: Path) -> None:
 
 
 def run(p: CompareParams, shown, source: str, files: dict[str, str], sections: set[str], out_dir: Path,
-        reference: str | None = None, predictions: str = "eval/tuned/predictions.jsonl", ev=None, seed: int = 0) -> dict:
+        reference: str | None = None, predictions: str = "eval/tuned/predictions.jsonl", ev=None, seed: int = 0,
+        reference_predictions: str | None = None) -> dict:
     runs, skipped = runs_from_show(shown, source, files, sections)
-    rows = compare(runs, p, source)
+    base_only = [r["name"] for r in runs if r["base_only"]]
+    if base_only:  # not a fine-tune to compare, but its base answers can be the reference
+        log.info("runs without a tuned evaluation of their own (left out of the table): %s", ", ".join(base_only))
+        skipped["base model only"] = len(base_only)
+    rows = compare([r for r in runs if not r["base_only"]], p, source)
     if reference:
-        against_reference(rows, runs, reference, predictions, p, ev, seed)
+        against_reference(rows, runs, reference, predictions, p, ev, seed, reference_predictions)
     with atomic_dir(out_dir) as tmp:
-        write_text_atomic(tmp / "compare.md", markdown(rows, p, reference))
+        write_text_atomic(tmp / "compare.md", markdown(rows, p, reference, reference_predictions))
         write_text_atomic(tmp / "compare.csv", csv_text(rows))
         plot(rows, p, tmp / "deltas.png")
     return {"runs": len(runs), "rows": len(rows), "skipped": skipped,
@@ -347,8 +366,11 @@ def exp_show_json() -> list:
 @click.option("--reference", help="a run's name: every run is also compared with it, question by question")
 @click.option("--predictions", default="eval/tuned/predictions.jsonl", show_default=True,
               help="the tuned answers' per-question scores, as named in dvc.yaml (for --reference)")
+@click.option("--reference-predictions",
+              help="the reference run's file to compare with, e.g. eval/base/predictions.jsonl for its base model's "
+                   "answers (an experiment that ran only evaluate_base in another prompt layout); default: --predictions")
 def main(exps_file: Path | None, out_dir: Path, pipeline: Path, eval_base: str, eval_tuned: str, train_metrics: str,
-         reference: str | None, predictions: str) -> None:
+         reference: str | None, predictions: str, reference_predictions: str | None) -> None:
     from stages.common import BaseParams
     from stages.evaluate import EvaluateParams
 
@@ -365,7 +387,8 @@ def main(exps_file: Path | None, out_dir: Path, pipeline: Path, eval_base: str, 
             except json.JSONDecodeError as e:
                 raise MedtuneError(f"{exps_file}:{e.lineno}: malformed JSON ({e.msg})") from None
         files = {"eval_base": eval_base, "eval_tuned": eval_tuned, "train": train_metrics}
-        summary = run(p, shown, source, files, stage_sections(pipeline), out_dir, reference, predictions, ev, base.seed)
+        summary = run(p, shown, source, files, stage_sections(pipeline), out_dir, reference, predictions, ev, base.seed,
+                      reference_predictions)
     log.info("compared %d runs in %d rows (skipped: %s); best: %s; wrote %s", summary["runs"], summary["rows"],
              summary["skipped"] or "none", summary["best"], out_dir)
 

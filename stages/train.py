@@ -73,6 +73,7 @@ class TrainParams:
     packing: bool  # pack several examples into each max_length row (trl best-fit-decreasing); implies padding_free
     padding_free: bool  # concatenate each batch into one row (no padding tokens); sequences stay separate
     pad_to_multiple_of: int | None  # round padded lengths up: fewer distinct shapes for the GPU kernels; null: off
+    liger_kernels: bool  # Liger's Triton kernels for RMSNorm, RoPE and the gated MLP; CUDA + `pip install ".[gpu]"`
     neftune_noise_alpha: float | None  # NEFTune embedding noise; null: off
     eval_steps: int  # eval loss on val every N steps; 0: only at the end
     save_steps: int  # checkpoint every N steps for resume; 0: no checkpoints
@@ -112,6 +113,13 @@ def preflight(p: TrainParams) -> None:
     if p.quantization != "none" and device() != "cuda":
         raise MedtuneError(f"train.quantization={p.quantization} needs a CUDA GPU (bitsandbytes); on CPU use "
                            "-S train.quantization=none (plain LoRA on the full-precision base)")
+    if p.liger_kernels:
+        import importlib.util
+
+        if device() != "cuda":
+            raise MedtuneError("train.liger_kernels=true needs a CUDA GPU (Triton kernels); on CPU use -S train.liger_kernels=false")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise MedtuneError('train.liger_kernels=true needs the liger-kernel package: pip install -e ".[gpu]"')
 
 
 def check_examples(p: TrainParams, rows: list[dict], tok, stops: list[int], path: Path) -> None:
@@ -198,6 +206,8 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         padding_free=p.padding_free or p.packing,
         pad_to_multiple_of=p.pad_to_multiple_of,
         neftune_noise_alpha=p.neftune_noise_alpha,
+        # trl applies Liger's layer kernels only (its own chunked LM-head loss already avoids the full logits)
+        use_liger_kernel=p.liger_kernels,
         eval_strategy="steps" if p.eval_steps else "no",
         eval_steps=p.eval_steps or None,
         save_strategy="steps" if p.save_steps else "no",

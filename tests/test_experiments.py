@@ -255,3 +255,51 @@ def test_compare_groups_base_models_and_seeds(tmp_path, monkeypatch):
     md = Path("out/compare.md").read_text()
     assert "| `org/model-b` | r1 | b-s1, b-s2 ★ | train.learning_rate=0.0001 | 1, 2 | 50 | 0.2000 ± 0.0000 |" in md
     assert "+0.2100 ± 0.0141" in md and "a-lr2 (tied)" in md
+
+
+def test_a_base_only_experiment_is_no_row_but_can_be_the_reference(tmp_path, monkeypatch):
+    """`dvc exp run -S format.template=qa evaluate_base` commits the tuned metrics and answers of the commit it
+    started from: compare leaves it out of the table (its tuned - delta is not its base score), and
+    --reference-predictions compares every fine-tune with its base model's answers, question by question."""
+    monkeypatch.chdir(tmp_path)
+    for cmd in (["init", "-q"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *cmd], check=True)
+    write_params(tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    ids = ["q1", "q2", "q3", "q4"]
+
+    def commit(name, template, base_scores, tuned_scores, stale_tuned=None):
+        base, tuned = sum(base_scores) / 4, sum(tuned_scores) / 4
+        files = {"metrics/eval_base.json": {"n": 4, "rougeL": base, "rougeL_ci": [base - 0.05, base + 0.05]},
+                 "metrics/eval_tuned.json": stale_tuned or {"n": 4, "rougeL": tuned, "rougeL_ci": [tuned - 0.05, tuned + 0.05],
+                                                            "delta_rougeL": round(tuned - base, 4), "delta_rougeL_ci": [0.0, 0.2]},
+                 "metrics/train.json": {"tokens_per_s": 100.0, "peak_memory_mb": 2000.0}}
+        for path, data in files.items():
+            Path(path).parent.mkdir(exist_ok=True)
+            Path(path).write_text(json.dumps(data))
+        for folder, scores in (("eval/base", base_scores), ("eval/tuned", tuned_scores)):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            Path(folder, "predictions.jsonl").write_text("".join(json.dumps({"id": i, "rougeL": s}) + "\n" for i, s in zip(ids, scores)))
+        subprocess.run(["git", "add", "-A"], check=True)
+        subprocess.run(["git", "commit", "-qm", name], check=True)
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        params = {"base": {"seed": 1}, "model": {"base": "org/m", "revision": "r1"}, "format": {"template": template}}
+        shown = {k: {"data": {m: v for m, v in d.items() if not isinstance(v, list)}} for k, d in files.items()}
+        return {"rev": rev, "name": name, "data": {"rev": rev, "params": {"params.yaml": {"data": params}}, "metrics": shown}}
+
+    tuned = commit("tuned", "chat", [0.10, 0.10, 0.10, 0.10], [0.20, 0.30, 0.20, 0.30])
+    # only evaluate_base ran: the tuned metrics and answers are still the tuned run's
+    base_qa = commit("base-qa", "qa", [0.15, 0.15, 0.25, 0.25], [0.20, 0.30, 0.20, 0.30],
+                     stale_tuned=json.loads(Path("metrics/eval_tuned.json").read_text()))
+    shown = [tuned | {"experiments": [{"revs": [base_qa], "name": "base-qa", "executor": None}]}]
+    Path("exps.json").write_text(json.dumps(shown))
+
+    args = ["--exps", "exps.json", "--out", "out", "--reference", "base-qa", "--reference-predictions", "eval/base/predictions.jsonl"]
+    result = CliRunner().invoke(compare.main, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(Path("out/compare.csv").open()))
+    assert [r["run"] for r in rows] == ["tuned"]  # base-qa has no tuned evaluation of its own
+    assert float(rows[0]["vs_reference"]) == pytest.approx(0.25 - 0.20)  # tuned answers - base-qa's base answers
+    assert "the scores in its eval/base/predictions.jsonl" in Path("out/compare.md").read_text()
+    result = CliRunner().invoke(compare.main, args[:-2])  # without it: base-qa's (stale) tuned answers
+    assert result.exit_code == 0 and float(next(csv.DictReader(Path("out/compare.csv").open()))["vs_reference"]) == 0.0

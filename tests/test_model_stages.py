@@ -113,6 +113,14 @@ def test_train_rejects_8bit_optimiser_without_cuda(tmp_path, tiny_model, formatt
                   tmp_path / "a", tmp_path / "c", tmp_path / "ckpt")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_train_refuses_liger_kernels_on_cpu_before_loading_anything(tmp_path, tiny_model, formatted):
+    with pytest.raises(MedtuneError, match="liger_kernels=true needs a CUDA GPU"):
+        train.run(train_params(tiny_model, liger_kernels=True), model_params(tiny_model), BASE, formatted,
+                  tmp_path / "a", tmp_path / "c", tmp_path / "ckpt")
+    assert not any(tmp_path.iterdir())
+
+
 def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained, tiny_model, formatted):
     d, _ = trained
     p = section(evaluate.EvaluateParams, tiny_model, "evaluate")
