@@ -32,7 +32,7 @@ def main(model_dir: Path, data: Path, out: Path, padding_free: bool, logging_ste
     from benchmarks.bench_train import tokenized_pool
     from stages import train
     from stages.common import parse_section, read_params_file
-    from stages.modeling import ModelParams, end_of_turn, load_tokenizer
+    from stages.modeling import ModelParams, end_of_turn, load_tokenizer, use_varlen_attention
 
     repo = Path(__file__).resolve().parent.parent
     m = ModelParams(base=str(model_dir), revision=None, chat_template="gemma3_base", trust_remote_code=False)
@@ -58,6 +58,8 @@ def main(model_dir: Path, data: Path, out: Path, padding_free: bool, logging_ste
             prof.step()
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+    if padding_free:  # as the train stage does: attention within each sequence of the flattened row
+        use_varlen_attention(model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
                          peft_config=train.lora_config(recipe), callbacks=[Step()])
     with prof:

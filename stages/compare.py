@@ -120,10 +120,10 @@ def own_tuned_evaluation(run: dict) -> bool:
     """Whether the run's tuned metrics were paired with its own base evaluation: tuned - delta is the base score
     it was paired with (both are means over the same questions). An experiment that ran only `evaluate_base`
     (the base model in another prompt layout, say) carries the tuned metrics of the commit it started from."""
-    tuned, base, key = run["eval_tuned"], run["eval_base"], next(k for k in ("rougeL", "rouge1", "token_f1") if k in run["eval_base"])
-    if key not in tuned or f"delta_{key}" not in tuned:
+    tuned, base = run["eval_tuned"], run["eval_base"]
+    if "delta_rougeL" not in tuned:
         return False
-    return abs(tuned[key] - tuned[f"delta_{key}"] - base[key]) <= 3e-4  # three values rounded to 4 decimals
+    return abs(tuned["rougeL"] - tuned["delta_rougeL"] - base["rougeL"]) <= 3e-4  # three values rounded to 4 decimals
 
 
 def same_run(a: dict, b: dict) -> bool:

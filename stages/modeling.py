@@ -274,7 +274,7 @@ def _varlen_cuda(q, k, v, cu, max_len: int, scale: float, window: int | None):
 
     params = inspect.signature(varlen_attn).parameters
     dtype = q.dtype
-    if dtype == torch.float32:  # QLoRA keeps norms (and so activations) in float32; the kernel takes half precision
+    if dtype == torch.float32:  # float32 activations (a float32 model, norms kept in float32): the kernel takes bf16/fp16
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     kw = {}
     if "enable_gqa" in params:
