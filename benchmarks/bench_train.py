@@ -87,18 +87,22 @@ class StepTimer:
         return [(t1 - t0, k1 - k0) for (t0, k0), (t1, k1) in zip(self.ends, self.ends[1:])]
 
     def summary(self) -> dict:
-        import statistics
+        return step_summary(self.steps())
 
-        steps = self.steps()
-        median = statistics.median(s for s, _ in steps)
-        steady = [(s, k) for s, k in steps if s <= 3 * median]
-        return {
-            "all": sum(k for _, k in steps) / sum(s for s, _ in steps),
-            "steady": sum(k for _, k in steady) / sum(s for s, _ in steady),
-            "median_step_s": median,
-            "slow_steps_s": [round(s, 3) for s, _ in steps if s > 3 * median],
-            "timed_steps": len(steps),
-        }
+
+def step_summary(steps: list[tuple[float, int]]) -> dict:
+    """Real tokens/s over all (seconds, tokens) steps, and steady: without the steps over 3x the median step."""
+    import statistics
+
+    median = statistics.median(s for s, _ in steps)
+    steady = [(s, k) for s, k in steps if s <= 3 * median]
+    return {
+        "all": sum(k for _, k in steps) / sum(s for s, _ in steps),
+        "steady": sum(k for _, k in steady) / sum(s for s, _ in steady),
+        "median_step_s": median,
+        "slow_steps_s": [round(s, 3) for s, _ in steps if s > 3 * median],
+        "timed_steps": len(steps),
+    }
 
 
 def sync() -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
+import sys
 from pathlib import Path
 
 import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: import bench_train's rule
+from benchmarks.bench_train import step_summary  # noqa: E402
 
 
 def steps_from_chunk(chunk: str, warmup: int) -> list[tuple[float, int]]:
@@ -32,14 +35,12 @@ def main(log_file: Path, json_file: Path, warmup: int) -> None:
     runs = json.loads(json_file.read_text())["runs"]
     chunks = re.split(r'\n\{"(?:suite|model|config)"', log_file.read_text())  # each run's log ends with its result line
     for run, chunk in zip(runs, chunks):
-        steps = steps_from_chunk(chunk, warmup)
-        median = statistics.median(s for s, _ in steps)
-        steady = [(s, k) for s, k in steps if s <= 3 * median]
+        timing = step_summary(steps_from_chunk(chunk, warmup))
         click.echo(json.dumps({
-            "suite": run.get("suite", run.get("model")), "config": run["config"], "timed_steps": len(steps),
+            "suite": run.get("suite", run.get("model")), "config": run["config"], "timed_steps": timing["timed_steps"],
             "real_tokens_per_s": run.get("real_tokens_per_s"),
-            "real_tokens_per_s_steady": round(sum(k for _, k in steady) / sum(s for s, _ in steady)),
-            "slow_steps_s": [round(s, 3) for s, _ in steps if s > 3 * median],
+            "real_tokens_per_s_steady": round(timing["steady"]),
+            "slow_steps_s": timing["slow_steps_s"],
             "peak_memory_gib": run.get("peak_memory_gib"), "loss_first_last": run.get("loss_first_last"),
         }))
 
