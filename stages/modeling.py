@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -265,14 +266,23 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     return out.view(b, s, hq, d), None
 
 
-def _varlen_cuda(q, k, v, cu, max_len: int, scale: float, window: int | None):
-    """torch's FlashAttention varlen kernel; its keyword arguments changed between torch 2.10 and 2.11."""
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """The keyword arguments of this torch's varlen kernel (they changed between torch 2.10 and 2.11); read once,
+    not in every layer's attention call."""
     import inspect
 
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_cuda(q, k, v, cu, max_len: int, scale: float, window: int | None):
+    """torch's FlashAttention varlen kernel."""
     import torch
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     dtype = q.dtype
     if dtype == torch.float32:  # float32 activations (a float32 model, norms kept in float32): the kernel takes bf16/fp16
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
