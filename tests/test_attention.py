@@ -19,19 +19,19 @@ def sequences(vocab: int, lengths=(7, 3, 12, 5), seed: int = 0) -> list[torch.Te
     return [torch.randint(4, vocab, (n,), generator=g) for n in lengths]
 
 
-def padded_logits(model, seqs, dev) -> list[torch.Tensor]:
+def padded_logits(model, seqs, dev, grad: bool = False) -> list[torch.Tensor]:
     """Right-padded batch under the model's default attention (SDPA), one logits row per real token."""
     n = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), n, dtype=torch.long)
     mask = torch.zeros(len(seqs), n, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)], mask[i, : len(s)] = s, 1
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
     return [logits[i, : len(s)] for i, s in enumerate(seqs)]
 
 
-def free_logits(model, seqs, dev, with_cu: bool) -> list[torch.Tensor]:
+def free_logits(model, seqs, dev, with_cu: bool, grad: bool = False) -> list[torch.Tensor]:
     """One padding-free row as trl's collator builds it: position ids restart per sequence (+ cu_seq_lens)."""
     ids = torch.cat(seqs)[None].to(dev)
     pos = torch.cat([torch.arange(len(s)) for s in seqs])[None].to(dev)
@@ -39,7 +39,7 @@ def free_logits(model, seqs, dev, with_cu: bool) -> list[torch.Tensor]:
     if with_cu:
         cu = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0).to(torch.int32).to(dev)
         kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(map(len, seqs)), "max_length_k": max(map(len, seqs))}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         logits = model(input_ids=ids, position_ids=pos, **kw).logits.float().cpu()[0]
     return list(logits.split([len(s) for s in seqs]))
 
@@ -103,17 +103,9 @@ def test_flash_varlen_kernel_trains_like_sdpa_on_cuda(tiny_model):
         seqs = sequences(model.config.vocab_size, lengths=(20, 5, 31))
         if free:
             use_varlen_attention(model)
-            ids = torch.cat(seqs)[None].cuda()
-            pos = torch.cat([torch.arange(len(s)) for s in seqs])[None].cuda()
-            logits = model(input_ids=ids, position_ids=pos).logits[0].split([len(s) for s in seqs])
+            logits = free_logits(model, seqs, "cuda", with_cu=False, grad=True)
         else:
-            n = max(map(len, seqs))
-            ids = torch.zeros(len(seqs), n, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)], mask[i, : len(s)] = s, 1
-            out = model(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits
-            logits = [out[i, : len(s)] for i, s in enumerate(seqs)]
-        sum(x.float().logsumexp(-1).sum() for x in logits).backward()
+            logits = padded_logits(model, seqs, "cuda", grad=True)
+        sum(x.logsumexp(-1).sum() for x in logits).backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.float())
     torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.05)
