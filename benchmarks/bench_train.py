@@ -12,7 +12,9 @@ linear layers, bf16:
 - medtune:  the `train` stage's own SFTConfig (stages.train.sft_config) with `recipes/gpu.yaml`'s params;
 - variants: the recipe with some params changed (--variant NAME=JSON).
 Reported per run: non-padding tokens/s (over all timed steps, and steady: without the steps that compiled a
-kernel for a new shape, see StepTimer), padding share, MFU (steady), peak GPU memory, median seconds per step, loss.
+kernel for a new shape, see StepTimer), padding share, MFU (steady), peak GPU memory during training (reset when
+train() starts, as the train stage measures it; the peak including the model's load is recorded too), median
+seconds per step, loss.
 MFU = tokens/s x (4 N_frozen + 6 N_lora + 6 L s d_attn) / 989e12, where N counts matmul parameters
 (the tied LM head once), s is the mean real sequence length and d_attn = heads x head_dim: a forward pass is
 2N FLOPs per token, the backward pass 2N for activation gradients plus 2N_lora for LoRA weight gradients;
@@ -123,12 +125,13 @@ def matmul_params(model) -> int:
 
 
 def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmup: int, quantization: str = "none",
-            cudnn_sdp: bool = True, attn: str | None = None, logprob_chunk: int | None = None) -> dict:
+            cudnn_sdp: bool = True, attn: str | None = None, logprob_chunk: int | None = None,
+            torch_compile: bool = False) -> dict:
     import datasets
     import torch
     from trl import SFTTrainer
 
-    from stages.modeling import use_varlen_attention
+    from stages.modeling import compile_decoder_layers, use_varlen_attention
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -141,6 +144,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         use_varlen_attention(model)
     elif attn:  # another attention kernel, e.g. sdpa over the flattened row, or flex_attention (ships with torch)
         model.set_attn_implementation(attn)
+    if torch_compile:  # what the train stage does for train.torch_compile
+        compile_decoder_layers(model)
     timer = StepTimer(warmup)
     import trl.trainer.utils as trl_utils
 
@@ -149,6 +154,11 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = logprob_chunk
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=peft_config, callbacks=[timer.callback])
+    gib = 2**30
+    load_peak = torch.cuda.max_memory_allocated() / gib if cuda else None
+    if cuda:  # the peak of training itself, as the train stage reports it (its load peak is recorded apart)
+        static = torch.cuda.memory_allocated() / gib  # weights, adapter: what training starts from
+        torch.cuda.reset_peak_memory_stats()
     try:
         out = trainer.train()
     finally:
@@ -170,7 +180,9 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "slow_steps_s": timing["slow_steps_s"],
         "seconds_per_step": round(timing["median_step_s"], 4),  # median
         "mfu": round(timing["steady"] * flops_per_token / H100_BF16_FLOPS, 4),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / gib, 3) if cuda else None,  # during train()
+        "peak_memory_gib_incl_load": round(max(load_peak, torch.cuda.max_memory_allocated() / gib), 3) if cuda else None,
+        "memory_at_train_start_gib": round(static, 3) if cuda else None,
         "mean_real_seq_len": round(s, 1),
         "padding_share_if_padded": round(1 - s / (sum(max(lengths[i:i + bs]) for i in range(0, len(lengths), bs)) / len(range(0, len(lengths), bs))), 3),
         "batch_size": bs,
@@ -183,6 +195,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "cudnn_sdp": cudnn_sdp,
         "attn_implementation": model.config._attn_implementation,
         "use_liger_kernel": args.use_liger_kernel,
+        "torch_compile": torch_compile,
         "trl_logprob_chunk": logprob_chunk or default_chunk,
         "gradient_checkpointing": args.gradient_checkpointing,
         "packing": args.packing,
@@ -247,7 +260,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
         ours_p = dataclasses.replace(recipe, max_steps=steps + warmup, batch_size=bs, grad_accum=1, save_steps=0, eval_steps=0,
                                      max_length=max_length, packing=packing)
-        out = [("baseline: trl defaults", baseline, lora, "none", True, None, None)]
+        out = [("baseline: trl defaults", baseline, lora, "none", True, None, None, False)]
         specs = [("medtune", {})] + [tuple(v.split("=", 1)) for v in variants]
         for name, changes in specs:
             changes = json.loads(changes) if isinstance(changes, str) else changes
@@ -263,7 +276,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
             # the train stage's attention choice: the varlen kernel for padding-free rows (train.run does the same)
             attn = changes.get("attn", "varlen" if p.padding_free or p.packing else None)
             out.append((label, cfg, train.lora_config(p), p.quantization, changes.get("cudnn_sdp", True), attn,
-                        changes.get("trl_logprob_chunk")))
+                        changes.get("trl_logprob_chunk"), p.torch_compile))
         return out
 
     def gemma(quantization: str):
@@ -289,10 +302,10 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         need = 4 * bs * (steps + warmup + 2) * (max_length // 512 if packing else 1)  # packed rows hold ~4-6 examples
         cap = None if suite == "gemma" else LLAMA_1B["vocab_size"]
         rows = tokenized_pool(data, tok, need, max_answer_tokens=448, vocab_cap=cap)
-        for name, cfg, peft_cfg, quant, cudnn, attn, chunk in runs_for(suite, bs, max_length, packing):
+        for name, cfg, peft_cfg, quant, cudnn, attn, chunk, compiled in runs_for(suite, bs, max_length, packing):
             try:
                 r = run_one(name, gemma if suite == "gemma" else llama, tok, rows, cfg, peft_cfg, steps, warmup, quant, cudnn,
-                            attn, chunk)
+                            attn, chunk, compiled)
             except Exception as e:  # one configuration that cannot run here does not cost the others
                 r = {"config": name, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
                 torch.backends.cuda.enable_cudnn_sdp(True)

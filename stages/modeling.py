@@ -266,6 +266,24 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     return out.view(b, s, hq, d), None
 
 
+def compile_decoder_layers(model) -> int:
+    """Regional compilation: torch.compile each decoder layer in place. The layers share one class, so they share
+    the compiled code (one compile per layer kind, e.g. Gemma 3's sliding and global layers, not one per layer);
+    dynamic shapes, because padding-free rows change length every step. A small model's step is bound by
+    launching its many small kernels (norms, RoPE, LoRA's scale-and-add), which the compiler fuses. In place, so
+    the state dict keeps its names (the adapter saves as usual) and peft's LoRA layers, added later, are traced
+    on the first call. Returns how many layers were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise MedtuneError(f"train.torch_compile: found no decoder layers in {type(model).__name__} to compile; "
+                           "use -S train.torch_compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 @functools.cache
 def _varlen_params() -> frozenset[str]:
     """The keyword arguments of this torch's varlen kernel (they changed between torch 2.10 and 2.11); read once,

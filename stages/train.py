@@ -37,6 +37,7 @@ from stages.common import (
 )
 from stages.modeling import (
     ModelParams,
+    compile_decoder_layers,
     device,
     device_name,
     load_model,
@@ -74,6 +75,7 @@ class TrainParams:
     padding_free: bool  # concatenate each batch into one row (no padding tokens); sequences stay separate
     pad_to_multiple_of: int | None  # round padded lengths up: fewer distinct shapes for the GPU kernels; null: off
     liger_kernels: bool  # Liger's Triton kernels for RMSNorm, RoPE and the gated MLP; CUDA + `pip install ".[gpu]"`
+    torch_compile: bool  # torch.compile each decoder layer (regional): fewer, fused kernels; compiles once per run
     neftune_noise_alpha: float | None  # NEFTune embedding noise; null: off
     eval_steps: int  # eval loss on val every N steps; 0: only at the end
     save_steps: int  # checkpoint every N steps for resume; 0: no checkpoints
@@ -350,6 +352,8 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
                                                      use_safetensors=True)
     if p.padding_free or p.packing:  # per-sequence attention; SDPA would attend over the whole flattened batch
         use_varlen_attention(model)
+    if p.torch_compile:
+        compile_decoder_layers(model)
     if main_process:
         last_checkpoint(ckpt_dir, fingerprint(p, m, base, data_file=data_dir / "train.jsonl"))
     state.wait_for_everyone()
@@ -391,6 +395,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_params": trainable,
         "attn_implementation": model.config._attn_implementation,
+        "torch_compile": p.torch_compile,
         "resumed": bool(resume),
         "processes": state.num_processes,
     }

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Training-step benchmarks (bench_train.py) on a lent GPU machine without network, one phase per device call, run
+# from the carried checkout after `source .carry/gpu-tools/bootstrap.sh`. A bench runs in the background (setsid:
+# it outlives the call, the machine stays warm ~30 s between calls) from a copy of the checkout in /tmp/repo, so
+# the next call's fresh working tree cannot change it mid-run; `wait` polls it. Results: /tmp/bench, copied to $OUT.
+#   start       gemma-3-270m's tokenizer from .carry/tok (5 MB, so the Llama shape can run before the 240 MB model
+#               chain is done: it needs only the tokenizer), MedQuAD as JSON lines, the checkout copy; then `llama`
+#   llama       the Llama-3.2-1B shape at 512 tokens: baseline, the recipe, torch.compile, Liger (last: it patches
+#               the model classes of the whole process)
+#   gemma       gemma-3-270m (needs /tmp/models/gemma-3-270m from model-assemble.sh): speed and memory variants
+#   wait SECS   until no bench runs or SECS pass; prints the finished runs; copies JSON and logs to $OUT
+#
+# The chain used (device tool, kind nvidia-h200; .whl, .carry/ are git-excluded, made by
+# ../shared/tools/gpu/{wheels,model-chunks}.sh; .carry/tok: the tokenizer files of the converted model, tokenizer.json
+# gzipped; .carry/extra: datasketch's wheel, for the tests' data stages):
+#   1    carry .whl .carry/gpu-tools .carry/tok .carry/extra   bootstrap + gpu_bench.sh start
+#   2-5  carry .carry/gpu-tools .carry/gemma/0N                 model-assemble.sh; gpu_bench.sh wait 1
+#   6    carry .carry/gpu-tools .carry/gemma/04                 model-assemble.sh; gpu_bench.sh wait 400; gpu_bench.sh gemma
+#   7..  gpu_bench.sh wait 500
+set -euo pipefail
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+B=/tmp/bench R=/tmp/repo OUT=${OUT:-/tmp/out}
+mkdir -p "$B" "$OUT"
+COMMON=(--data /tmp/medquad.jsonl --steps 12 --warmup 3)
+
+launch() {  # NAME ARGS...: bench_train.py in the background, its log in $B/NAME.log, its JSON in $B/NAME.json
+  local name=$1; shift
+  (cd "$R" && setsid nohup python3 benchmarks/bench_train.py --out "$B/$name.json" "$@" > "$B/$name.log" 2>&1 &)
+  echo "started $name"
+}
+
+running() { pgrep -f "benchmarks/bench_train.py" > /dev/null; }
+
+case "${1:-}" in
+start)
+  mkdir -p /tmp/tok && cp .carry/tok/*.json /tmp/tok/ && gunzip -c .carry/tok/tokenizer.json.gz > /tmp/tok/tokenizer.json
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/extra/*.whl
+  python3 -c "import pandas as pd; pd.read_parquet('data/source/medquad_pool.parquet').to_json('/tmp/medquad.jsonl', orient='records', lines=True, force_ascii=False)"
+  rm -rf "$R" && mkdir -p "$R" && cp -r benchmarks stages recipes params.yaml pyproject.toml "$R"/
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  exec bash "$0" llama
+  ;;
+llama)
+  launch llama512 --model /tmp/tok --suite llama512 "${COMMON[@]}" \
+    --variant 'llama:compile={"torch_compile": true}' \
+    --variant 'llama:liger+compile={"liger_kernels": true, "torch_compile": true}' \
+    --variant 'llama:liger={"liger_kernels": true}'
+  ;;
+gemma)
+  launch gemma --model /tmp/models/gemma-3-270m --suite gemma "${COMMON[@]}" \
+    --variant 'gemma:compile={"torch_compile": true}' \
+    --variant 'gemma:padded64+compile={"padding_free": false, "pad_to_multiple_of": 64, "torch_compile": true}' \
+    --variant 'gemma:4bit+gc+tile8192={"quantization": "4bit", "gradient_checkpointing": true, "trl_logprob_chunk": 8192}' \
+    --variant 'gemma:4bit+gc+tile8192+compile={"quantization": "4bit", "gradient_checkpointing": true, "trl_logprob_chunk": 8192, "torch_compile": true}' \
+    --variant 'gemma:liger+compile={"liger_kernels": true, "torch_compile": true}'
+  ;;
+wait)
+  end=$(( $(date +%s) + ${2:-60} ))
+  while running && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+  running && echo "still running" || echo "no bench running"
+  python3 - "$B" <<'PYEOF'
+import glob, json, sys
+for f in sorted(glob.glob(f"{sys.argv[1]}/*.json")):
+    for r in json.load(open(f))["runs"]:
+        keys = ("real_tokens_per_s_steady", "seconds_per_step", "slow_steps_s", "peak_memory_gib",
+                "memory_at_train_start_gib", "loss_first_last", "failed")
+        print(f.rsplit("/", 1)[-1], "|", r["config"][:70], "|", {k: r[k] for k in keys if k in r})
+PYEOF
+  for f in "$B"/*.log; do [ -f "$f" ] && grep -E "Traceback|Error:" "$f" | tail -2 || true; done
+  cp "$B"/* "$OUT"/ 2>/dev/null || true
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader || true
+  ;;
+*) echo "usage: $0 start|llama|gemma|wait SECS" >&2; exit 2 ;;
+esac
