@@ -24,6 +24,7 @@ attention is 2 matmuls of s x d_attn per token forward (x3 with backward, /2 for
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -134,6 +135,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     from stages.modeling import compile_decoder_layers, use_varlen_attention
 
     cuda = torch.cuda.is_available()
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -202,6 +204,9 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "max_length": args.max_length,
     }
     del trainer, model
+    # trl's fused LM head binds the model's forward to the model (a reference cycle): only the garbage collector
+    # frees it, and a run that left it would count the previous model in the next run's memory
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.backends.cuda.enable_cudnn_sdp(True)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -227,6 +226,7 @@ def use_varlen_attention(model) -> None:
     the row's length (16k tokens for 8 packed rows of 2048) where the sequences need only the squares of their own.
     On CUDA the kernel is torch's FlashAttention varlen (torch.nn.attention.varlen); on CPU the same per-sequence
     causal attention runs through SDPA one sequence at a time."""
+    import torch
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import flash_attention_mask
 
@@ -235,6 +235,8 @@ def use_varlen_attention(model) -> None:
     # (which varlen_attention refuses rather than attend to padding)
     AttentionMaskInterface.register(VARLEN, flash_attention_mask)
     model.set_attn_implementation(VARLEN)
+    if torch.cuda.is_available():
+        _varlen_params()
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -284,15 +286,21 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-@functools.cache
-def _varlen_params() -> frozenset[str]:
-    """The keyword arguments of this torch's varlen kernel (they changed between torch 2.10 and 2.11); read once,
-    not in every layer's attention call."""
-    import inspect
+_VARLEN_KW: tuple[str, ...] | None = None  # the varlen kernel's keyword arguments, once read
 
-    from torch.nn.attention.varlen import varlen_attn
 
-    return frozenset(inspect.signature(varlen_attn).parameters)
+def _varlen_params() -> tuple[str, ...]:
+    """The keyword arguments of this torch's varlen kernel (they changed between torch 2.10 and 2.11). Read once,
+    by use_varlen_attention, outside any compiled region: under train.torch_compile the attention function is
+    traced, and a global tuple is a constant to the compiler where inspect.signature would break the graph."""
+    global _VARLEN_KW
+    if _VARLEN_KW is None:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        _VARLEN_KW = tuple(inspect.signature(varlen_attn).parameters)
+    return _VARLEN_KW
 
 
 def _varlen_cuda(q, k, v, cu, max_len: int, scale: float, window: int | None):
