@@ -4,7 +4,7 @@
 # it outlives the call, the machine stays warm ~30 s between calls) from a copy of the checkout in /tmp/repo, so
 # the next call's fresh working tree cannot change it mid-run; `wait` polls it. Results: /tmp/bench, copied to $OUT.
 #   start       gemma-3-270m's tokenizer from .carry/tok (5 MB, so the Llama shape can run before the 240 MB model
-#               chain is done: it needs only the tokenizer), MedQuAD as JSON lines; then `bg llama`
+#               chain is done: it needs only the tokenizer), MedQuAD as JSON lines; then `bg` with the phases named after it
 #   bg PHASE..  the checkout copied to /tmp/repo, then the phases one after another in the background:
 #     llama     the Llama-3.2-1B shape at 512 tokens: baseline, the recipe, torch.compile, Liger (last: it patches
 #               the model classes of the whole process)
@@ -40,7 +40,7 @@ start)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/extra/*.whl
   python3 -c "import pandas as pd; pd.read_parquet('data/source/medquad_pool.parquet').to_json('/tmp/medquad.jsonl', orient='records', lines=True, force_ascii=False)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  exec bash "$0" bg llama
+  [ $# -gt 1 ] && exec bash "$0" bg "${@:2}"
   ;;
 bg)
   running && { echo "a bench is still running" >&2; exit 1; }
