@@ -126,12 +126,13 @@ def matmul_params(model) -> int:
 
 
 def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmup: int, quantization: str = "none",
-            cudnn_sdp: bool = True, attn: str | None = None, logprob_chunk: int | None = None,
+            cudnn_sdp: bool = True, attn: str | None = None, lm_head_tile: int | None = None,
             torch_compile: bool = False) -> dict:
     import datasets
     import torch
     from trl import SFTTrainer
 
+    from stages import train
     from stages.modeling import compile_decoder_layers, use_varlen_attention
 
     cuda = torch.cuda.is_available()
@@ -149,11 +150,6 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     if torch_compile:  # what the train stage does for train.torch_compile
         compile_decoder_layers(model)
     timer = StepTimer(warmup)
-    import trl.trainer.utils as trl_utils
-
-    default_chunk = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
-    if logprob_chunk:  # what-if: the vocabulary width of trl's fused LM-head tiles (its buffer is 4096 x this)
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = logprob_chunk
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, peft_config=peft_config, callbacks=[timer.callback])
     gib = 2**30
@@ -161,10 +157,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     if cuda:  # the peak of training itself, as the train stage reports it (its load peak is recorded apart)
         static = torch.cuda.memory_allocated() / gib  # weights, adapter: what training starts from
         torch.cuda.reset_peak_memory_stats()
-    try:
+    with train.lm_head_tile(lm_head_tile):  # train.lm_head_tile, as the train stage applies it
         out = trainer.train()
-    finally:
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default_chunk
     n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_frozen = matmul_params(trainer.model)
     cfg = model.config.get_text_config()
@@ -198,7 +192,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         "attn_implementation": model.config._attn_implementation,
         "use_liger_kernel": args.use_liger_kernel,
         "torch_compile": torch_compile,
-        "trl_logprob_chunk": logprob_chunk or default_chunk,
+        "lm_head_tile": lm_head_tile,  # null: trl's own (32768)
         "gradient_checkpointing": args.gradient_checkpointing,
         "packing": args.packing,
         "max_length": args.max_length,
@@ -213,7 +207,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     return result
 
 
-RUN_KEYS = ("cudnn_sdp", "attn", "trl_logprob_chunk")  # variant keys that are neither train params nor SFTConfig fields
+RUN_KEYS = ("cudnn_sdp", "attn")  # variant keys that are neither train params nor SFTConfig fields
 
 SUITES = {  # name -> (model, batch size, max length, packing)
     "gemma": ("gemma-3-270m (real weights)", 16, 512, False),
@@ -232,7 +226,7 @@ SUITES = {  # name -> (model, batch size, max length, packing)
 @click.option("--template", default="gemma3_base", show_default=True, help="chat template in stages/templates/")
 @click.option("--variant", "variants", multiple=True,
               help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, plus "cudnn_sdp": false, "attn" '
-                   '(varlen, sdpa, flex_attention; default: varlen for padding-free rows) and "trl_logprob_chunk"; '
+                   '(varlen, sdpa, flex_attention; default: varlen for padding-free rows); '
                    'e.g. bs64={"batch_size": 64}; a NAME starting with "llama:" or "gemma:" runs only in that suite')
 def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites: tuple[str, ...], template: str,
          variants: tuple[str, ...]) -> None:
@@ -281,7 +275,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
             # the train stage's attention choice: the varlen kernel for padding-free rows (train.run does the same)
             attn = changes.get("attn", "varlen" if p.padding_free or p.packing else None)
             out.append((label, cfg, train.lora_config(p), p.quantization, changes.get("cudnn_sdp", True), attn,
-                        changes.get("trl_logprob_chunk"), p.torch_compile))
+                        p.lm_head_tile, p.torch_compile))
         return out
 
     def gemma(quantization: str):

@@ -22,6 +22,7 @@
 #   6    carry .carry/gpu-tools .carry/gemma/04                 model-assemble.sh; gpu_bench.sh wait 400; gpu_bench.sh gemma
 #   7..  gpu_bench.sh wait 500
 set -euo pipefail
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # the carried wheels (bootstrap.sh)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 B=/tmp/bench R=/tmp/repo OUT=${OUT:-/tmp/out}
 mkdir -p "$B" "$OUT"
@@ -61,25 +62,30 @@ gemma)
   launch gemma --model /tmp/models/gemma-3-270m --suite gemma "${COMMON[@]}" \
     --variant 'gemma:compile={"torch_compile": true}' \
     --variant 'gemma:padded64+compile={"padding_free": false, "pad_to_multiple_of": 64, "torch_compile": true}' \
-    --variant 'gemma:4bit+gc+tile8192={"quantization": "4bit", "gradient_checkpointing": true, "trl_logprob_chunk": 8192}' \
-    --variant 'gemma:4bit+gc+tile8192+compile={"quantization": "4bit", "gradient_checkpointing": true, "trl_logprob_chunk": 8192, "torch_compile": true}' \
     --variant 'gemma:liger+compile={"liger_kernels": true, "torch_compile": true}'
   ;;
 memory)
   launch memory --model /tmp/models/gemma-3-270m --suite gemma "${COMMON[@]}" \
     --variant 'gemma:4bit+gc={"quantization": "4bit", "gradient_checkpointing": true}' \
-    --variant 'gemma:4bit+gc+tile8192={"quantization": "4bit", "gradient_checkpointing": true, "trl_logprob_chunk": 8192}' \
-    --variant 'gemma:4bit+gc+tile8192+compile={"quantization": "4bit", "gradient_checkpointing": true, "trl_logprob_chunk": 8192, "torch_compile": true}'
+    --variant 'gemma:4bit+gc+tile8192={"quantization": "4bit", "gradient_checkpointing": true, "lm_head_tile": 8192}' \
+    --variant 'gemma:4bit+gc+tile8192+compile={"quantization": "4bit", "gradient_checkpointing": true, "lm_head_tile": 8192, "torch_compile": true}'
+  ;;
+memory-liger)  # Liger's kernels under 4-bit + checkpointing (last in its process: Liger patches the model classes)
+  launch memory-liger --model /tmp/models/gemma-3-270m --suite gemma "${COMMON[@]}" \
+    --variant 'gemma:4bit+gc+liger={"quantization": "4bit", "gradient_checkpointing": true, "liger_kernels": true}' \
+    --variant 'gemma:4bit+gc+liger+tile8192={"quantization": "4bit", "gradient_checkpointing": true, "liger_kernels": true, "lm_head_tile": 8192}'
   ;;
 llama-compile)
-  launch llama512-compile --model /tmp/tok --suite llama512 "${COMMON[@]}" --variant 'llama:compile={"torch_compile": true}'
+  launch llama512-compile --model /tmp/tok --suite llama512 "${COMMON[@]}" --variant 'llama:compile={"torch_compile": true}' \
+    --variant 'llama:padded64+compile={"padding_free": false, "pad_to_multiple_of": 64, "torch_compile": true}'
   ;;
 tests)  # the CUDA cases of the attention tests, and compiled vs eager training on the tiny model
   (cd "$R" && python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_model_stages.py -k "attention or compiled" \
      > "$B/tests.log" 2>&1; echo "tests rc=$?" >> "$B/tests.log")
   ;;
 gemma-compile)
-  launch gemma-compile --model /tmp/models/gemma-3-270m --suite gemma "${COMMON[@]}" --variant 'gemma:compile={"torch_compile": true}'
+  launch gemma-compile --model /tmp/models/gemma-3-270m --suite gemma "${COMMON[@]}" --variant 'gemma:compile={"torch_compile": true}' \
+    --variant 'gemma:padded64+compile={"padding_free": false, "pad_to_multiple_of": 64, "torch_compile": true}'
   ;;
 wait)
   end=$(( $(date +%s) + ${2:-60} ))

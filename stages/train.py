@@ -10,6 +10,7 @@ track: re-running after an interruption resumes from the last one if the params 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -76,6 +77,7 @@ class TrainParams:
     pad_to_multiple_of: int | None  # round padded lengths up: fewer distinct shapes for the GPU kernels; null: off
     liger_kernels: bool  # Liger's Triton kernels for RMSNorm, RoPE and the gated MLP; CUDA + `pip install ".[gpu]"`
     torch_compile: bool  # torch.compile each decoder layer (regional): fewer, fused kernels; compiles once per run
+    lm_head_tile: int | None  # vocabulary entries per tile of trl's fused LM-head loss; null: trl's own (32768)
     neftune_noise_alpha: float | None  # NEFTune embedding noise; null: off
     eval_steps: int  # eval loss on val every N steps; 0: only at the end
     save_steps: int  # checkpoint every N steps for resume; 0: no checkpoints
@@ -102,6 +104,8 @@ class TrainParams:
             out.append("target_modules: name at least one module, or [all-linear]")
         if self.max_length < 64:
             out.append("max_length: must be >= 64")
+        if self.lm_head_tile is not None and self.lm_head_tile < 16:
+            out.append(f"lm_head_tile: must be >= 16 vocabulary entries, or null for trl's own width (got {self.lm_head_tile})")
         if self.load_best_model and not (self.eval_steps > 0 and self.save_steps > 0 and self.save_steps % self.eval_steps == 0):
             out.append("load_best_model: needs eval_steps > 0 and save_steps a multiple of eval_steps "
                        f"(got eval_steps={self.eval_steps}, save_steps={self.save_steps})")
@@ -115,6 +119,12 @@ def preflight(p: TrainParams) -> None:
     if p.quantization != "none" and device() != "cuda":
         raise MedtuneError(f"train.quantization={p.quantization} needs a CUDA GPU (bitsandbytes); on CPU use "
                            "-S train.quantization=none (plain LoRA on the full-precision base)")
+    if p.liger_kernels and p.torch_compile:  # measured on an H200: dynamo fails inside Liger's RMSNorm
+        raise MedtuneError("train.liger_kernels and train.torch_compile do not work together (torch.compile fails on "
+                           "Liger's kernels); choose one: -S train.liger_kernels=false or -S train.torch_compile=false")
+    if p.torch_compile and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise MedtuneError("train.torch_compile under FSDP is not supported (compiled layers are not verified with "
+                           "FSDP's sharding); use -S train.torch_compile=false, or DDP (configs/accelerate/ddp.yaml)")
     if p.liger_kernels:
         import importlib.util
 
@@ -160,6 +170,28 @@ def check_trainer_examples(trainer, rows: list[dict], tok, n: int = 8) -> None:
         if ids != tok(rows[i]["prompt"] + rows[i]["completion"])["input_ids"] or sum(mask[:n_prompt]) or not all(mask[n_prompt:]):
             raise MedtuneError(f"train example {i + 1} (id {rows[i].get('id', '?')}): trl's tokenisation or loss mask differs "
                                "from the rendered prompt/completion; the answer would not be trained as rendered")
+
+
+@contextlib.contextmanager
+def lm_head_tile(width: int | None):
+    """trl's fused LM-head loss projects the hidden states onto the vocabulary in tiles of 4096 tokens x `width`
+    entries (trl's default 32768: a 256 MiB bf16 buffer), so it never builds the whole logits. A narrower tile
+    lowers the peak memory where a large vocabulary dominates it (gemma-3-270m: 262k entries, 640 wide). trl keeps
+    the width in a module constant: set for the duration of the block, restored after."""
+    if width is None:
+        yield
+        return
+    import trl.trainer.utils as trl_utils
+
+    if not isinstance(getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None), int):
+        raise MedtuneError(f"train.lm_head_tile={width}: this trl version has no fused LM-head tile width to set; "
+                           "use -S train.lm_head_tile=null")
+    default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = width
+    try:
+        yield
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
 
 
 def quantization_config(p: TrainParams):
@@ -373,9 +405,10 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - t0
-    eval_loss = trainer.evaluate()["eval_loss"]  # of the weights being saved (the best ones with load_best_model)
+    with lm_head_tile(p.lm_head_tile):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        wall = time.perf_counter() - t0
+        eval_loss = trainer.evaluate()["eval_loss"]  # of the weights being saved (the best ones with load_best_model)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [(h["eval_loss"], h["step"]) for h in history if "eval_loss" in h]

@@ -143,6 +143,46 @@ def test_compiled_layers_train_the_same_losses_as_eager(tmp_path, tiny_model, fo
     assert comp_w.keys() == eager_w.keys() and all(v.abs().sum() > 0 for k, v in comp_w.items() if "lora_B" in k)
 
 
+def test_lm_head_tile_sets_trls_tile_width_for_training_and_restores_it(tmp_path, tiny_model, formatted, monkeypatch):
+    import trl.trainer.utils as trl_utils
+
+    default, widths = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, []
+    real = trl_utils._ChunkedLogProbFunction
+
+    class Spy:  # records the tile width each fused LM-head call gets (its 6th argument)
+        @staticmethod
+        def apply(*args):
+            widths.append(args[5])
+            return real.apply(*args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Spy)
+    losses = {}
+    for tile in (None, 16):
+        d = tmp_path / str(tile)
+        widths.clear()
+        train.run(train_params(tiny_model, lm_head_tile=tile, save_steps=0), model_params(tiny_model), BASE, formatted,
+                  d / "adapter", d / "curves", d / "ckpt")
+        assert widths and set(widths) == {tile or default}
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == default
+        losses[tile] = [h["loss"] for h in json.loads((d / "curves" / "log_history.json").read_text()) if "loss" in h]
+    assert losses[16] == pytest.approx(losses[None], rel=1e-4)  # same loss, in narrower tiles
+
+
+def test_lm_head_tile_below_16_is_a_params_error(tiny_model):
+    from stages.common import parse_section
+
+    section = tiny_params(tiny_model)["train"] | {"lm_head_tile": 8}
+    assert parse_section(section, "train", train.TrainParams) == (None, [
+        "train.lm_head_tile: must be >= 16 vocabulary entries, or null for trl's own width (got 8)"])
+
+
+def test_train_refuses_liger_kernels_with_torch_compile_before_loading_anything(tmp_path, tiny_model, formatted):
+    with pytest.raises(MedtuneError, match="do not work together"):
+        train.run(train_params(tiny_model, liger_kernels=True, torch_compile=True), model_params(tiny_model), BASE,
+                  formatted, tmp_path / "a", tmp_path / "c", tmp_path / "ckpt")
+    assert not any(tmp_path.iterdir())
+
+
 def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained, tiny_model, formatted):
     d, _ = trained
     p = section(evaluate.EvaluateParams, tiny_model, "evaluate")
