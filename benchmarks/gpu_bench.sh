@@ -9,18 +9,21 @@
 #     llama     the Llama-3.2-1B shape at 512 tokens: baseline, the recipe, torch.compile, Liger (last: it patches
 #               the model classes of the whole process)
 #     gemma     gemma-3-270m (needs /tmp/models/gemma-3-270m from model-assemble.sh): speed variants
-#     memory    gemma-3-270m: 4-bit memory variants
-#     llama-compile, gemma-compile   baseline, recipe and recipe + torch.compile only (a second measurement)
+#     memory    gemma-3-270m: 4-bit memory variants; memory-liger: the same with Liger (last in its process)
+#     llama-compile, gemma-compile   baseline, recipe, recipe + torch.compile, padded x64 + torch.compile
 #     tests     tests/test_attention.py (its CUDA cases) and the compiled-vs-eager training test, on the GPU
 #   wait SECS   until no bench runs or SECS pass; prints the finished runs; copies JSON and logs to $OUT
 #
 # The chain used (device tool, kind nvidia-h200; .whl, .carry/ are git-excluded, made by
 # ../shared/tools/gpu/{wheels,model-chunks}.sh; .carry/tok: the tokenizer files of the converted model, tokenizer.json
 # gzipped; .carry/extra: datasketch's wheel, for the tests' data stages):
-#   1    carry .whl .carry/gpu-tools .carry/tok .carry/extra   bootstrap + gpu_bench.sh start
+#   1    carry .whl .carry/gpu-tools .carry/tok .carry/extra   source .carry/gpu-tools/bootstrap.sh &&
+#                                                               bash benchmarks/gpu_bench.sh start llama-compile
 #   2-5  carry .carry/gpu-tools .carry/gemma/0N                 model-assemble.sh; gpu_bench.sh wait 1
-#   6    carry .carry/gpu-tools .carry/gemma/04                 model-assemble.sh; gpu_bench.sh wait 400; gpu_bench.sh gemma
-#   7..  gpu_bench.sh wait 500
+#   6    carry .carry/gpu-tools .carry/gemma/04                 bootstrap; model-assemble.sh (converts, ~80 s);
+#                                                               gpu_bench.sh wait 400; gpu_bench.sh bg gemma memory tests
+#   7..  gpu_bench.sh wait 270 (at most 8 files come back per call: move fetched ones out of /tmp/bench)
+# Keep the calls less than 30 s apart: an idle machine is given back with its background runs.
 set -euo pipefail
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}  # the carried wheels (bootstrap.sh)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
