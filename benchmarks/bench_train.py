@@ -250,7 +250,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
     fields = {f.name for f in dataclasses.fields(train.TrainParams)}
 
     def runs_for(suite: str, bs: int, max_length: int, packing: bool):
-        """(name, SFTConfig, LoraConfig, quantization, cudnn_sdp, attention kernel) for the baseline, the recipe and the variants."""
+        """(name, SFTConfig, LoraConfig, run_one's keyword arguments) for the baseline, the recipe and the variants."""
         base_kw = dict(max_steps=steps + warmup, per_device_train_batch_size=bs, learning_rate=2e-4, bf16=cuda,
                        use_cpu=not cuda, report_to="none", logging_steps=1, save_strategy="no", seed=0, data_seed=0,
                        include_num_input_tokens_seen="non_padding", max_length=max_length, packing=packing,
@@ -259,7 +259,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
         ours_p = dataclasses.replace(recipe, max_steps=steps + warmup, batch_size=bs, grad_accum=1, save_steps=0, eval_steps=0,
                                      max_length=max_length, packing=packing)
-        out = [("baseline: trl defaults", baseline, lora, "none", True, None, None, False)]
+        out = [("baseline: trl defaults", baseline, lora, {})]  # run_one's defaults: trl's own choices
         specs = [("medtune", {})] + [tuple(v.split("=", 1)) for v in variants]
         for name, changes in specs:
             changes = json.loads(changes) if isinstance(changes, str) else changes
@@ -274,8 +274,8 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
             label = name if not changes else f"medtune {name}: {json.dumps(changes)}"
             # the train stage's attention choice: the varlen kernel for padding-free rows (train.run does the same)
             attn = changes.get("attn", "varlen" if p.padding_free or p.packing else None)
-            out.append((label, cfg, train.lora_config(p), p.quantization, changes.get("cudnn_sdp", True), attn,
-                        p.lm_head_tile, p.torch_compile))
+            out.append((label, cfg, train.lora_config(p), dict(quantization=p.quantization, cudnn_sdp=changes.get("cudnn_sdp", True),
+                        attn=attn, lm_head_tile=p.lm_head_tile, torch_compile=p.torch_compile)))
         return out
 
     def gemma(quantization: str):
@@ -301,10 +301,9 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         need = 4 * bs * (steps + warmup + 2) * (max_length // 512 if packing else 1)  # packed rows hold ~4-6 examples
         cap = None if suite == "gemma" else LLAMA_1B["vocab_size"]
         rows = tokenized_pool(data, tok, need, max_answer_tokens=448, vocab_cap=cap)
-        for name, cfg, peft_cfg, quant, cudnn, attn, chunk, compiled in runs_for(suite, bs, max_length, packing):
+        for name, cfg, peft_cfg, kw in runs_for(suite, bs, max_length, packing):
             try:
-                r = run_one(name, gemma if suite == "gemma" else llama, tok, rows, cfg, peft_cfg, steps, warmup, quant, cudnn,
-                            attn, chunk, compiled)
+                r = run_one(name, gemma if suite == "gemma" else llama, tok, rows, cfg, peft_cfg, steps, warmup, **kw)
             except Exception as e:  # one configuration that cannot run here does not cost the others
                 r = {"config": name, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
                 torch.backends.cuda.enable_cudnn_sdp(True)

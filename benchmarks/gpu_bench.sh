@@ -107,5 +107,6 @@ PYEOF
   cp "$B"/* "$OUT"/ 2>/dev/null || true
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader || true
   ;;
-*) echo "usage: $0 start|llama|gemma|wait SECS" >&2; exit 2 ;;
+*) echo "usage: $0 start PHASE.. | bg PHASE.. | wait SECS; phases: llama gemma memory memory-liger llama-compile gemma-compile tests" >&2
+   exit 2 ;;
 esac

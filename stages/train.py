@@ -112,6 +112,11 @@ class TrainParams:
         return out
 
 
+def under_fsdp() -> bool:
+    """Whether `accelerate launch` runs this process under an FSDP config (accelerate sets the variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def preflight(p: TrainParams) -> None:
     """Fail before loading anything on combinations that cannot work here."""
     if p.optim in ("adamw_8bit", "paged_adamw_8bit") and device() != "cuda":
@@ -122,7 +127,10 @@ def preflight(p: TrainParams) -> None:
     if p.liger_kernels and p.torch_compile:  # measured on an H200: dynamo fails inside Liger's RMSNorm
         raise MedtuneError("train.liger_kernels and train.torch_compile do not work together (torch.compile fails on "
                            "Liger's kernels); choose one: -S train.liger_kernels=false or -S train.torch_compile=false")
-    if p.torch_compile and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if under_fsdp() and p.quantization != "none":  # needs bnb_4bit_quant_storage and a different loading path; not built yet
+        raise MedtuneError(f"train.quantization={p.quantization} under FSDP is not supported: use DDP "
+                           "(configs/accelerate/ddp.yaml) for QLoRA, or quantization none with FSDP")
+    if under_fsdp() and p.torch_compile:
         raise MedtuneError("train.torch_compile under FSDP is not supported (compiled layers are not verified with "
                            "FSDP's sharding); use -S train.torch_compile=false, or DDP (configs/accelerate/ddp.yaml)")
     if p.liger_kernels:
@@ -370,10 +378,7 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     state = PartialState(cpu=not cuda)  # cpu=True: gloo across CPU processes under `accelerate launch`
     main_process = state.is_main_process
     # under an FSDP config each process loads the model to host memory and FSDP moves only its shard to its GPU
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp and p.quantization != "none":  # needs bnb_4bit_quant_storage and a different loading path; not built yet
-        raise MedtuneError(f"train.quantization={p.quantization} under FSDP is not supported: use DDP "
-                           "(configs/accelerate/ddp.yaml) for QLoRA, or quantization none with FSDP")
+    fsdp = under_fsdp()
     if p.quantization == "none":
         model = load_model(base_path, m, on="cpu" if fsdp else state.device)
     else:  # QLoRA / 8-bit: the frozen base is quantized by bitsandbytes on load; trl prepares it for k-bit training

@@ -67,6 +67,11 @@ def test_train_writes_a_safetensors_adapter_that_changed_only_lora_weights(train
     assert (d / "curves" / "plots" / "metrics" / "loss.tsv").exists()
 
 
+def logged_losses(curves: Path) -> list[float]:
+    """The training losses the train stage logged (its log_history.json)."""
+    return [h["loss"] for h in json.loads((curves / "log_history.json").read_text()) if "loss" in h]
+
+
 class Interrupt(Exception):
     pass
 
@@ -132,9 +137,8 @@ def test_compiled_layers_train_the_same_losses_as_eager(tmp_path, tiny_model, fo
         counters.clear()
         metrics = train.run(train_params(tiny_model, torch_compile=compiled, padding_free=True, save_steps=0),
                   model_params(tiny_model), BASE, formatted, d / "adapter", d / "curves", d / "ckpt")
-        history = json.loads((d / "curves" / "log_history.json").read_text())
         assert metrics["torch_compile"] is compiled and (counters["stats"]["unique_graphs"] > 0) is compiled
-        runs[compiled] = ([h["loss"] for h in history if "loss" in h], load_file(d / "adapter" / "adapter_model.safetensors"))
+        runs[compiled] = (logged_losses(d / "curves"), load_file(d / "adapter" / "adapter_model.safetensors"))
     (eager, eager_w), (comp, comp_w) = runs[False], runs[True]
     # the losses after the first step follow the updated weights, so they compare the gradients too; the weights
     # themselves are left out: Adam divides by the gradient's size, which turns float-rounding noise in near-zero
@@ -164,7 +168,7 @@ def test_lm_head_tile_sets_trls_tile_width_for_training_and_restores_it(tmp_path
                   d / "adapter", d / "curves", d / "ckpt")
         assert widths and set(widths) == {tile or default}
         assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == default
-        losses[tile] = [h["loss"] for h in json.loads((d / "curves" / "log_history.json").read_text()) if "loss" in h]
+        losses[tile] = logged_losses(d / "curves")
     assert losses[16] == pytest.approx(losses[None], rel=1e-4)  # same loss, in narrower tiles
 
 
