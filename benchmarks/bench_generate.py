@@ -1,4 +1,4 @@
-"""Evaluation-generation benchmark: the `evaluate` stage's batched generation (stages.evaluate.generate:
+"""Evaluation-generation benchmark: the `evaluate` stage's batched generation (medtune.stages.evaluate.generate:
 prompts sorted by length, left padding, batch of `--batch`) against a one-question-at-a-time loop and a
 plain unsorted batch-64 loop (and, on a GPU, with cuDNN attention off and with a static KV cache), on the same model and test questions, greedy, in one process.
 
@@ -43,10 +43,10 @@ def main(model_dir: Path, data: Path, out: Path, n: int, max_new_tokens: int, ba
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.common import parse_section, read_jsonl, read_params_file
-    from stages.evaluate import EvaluateParams, generate
-    from stages.format import FormatParams, render
-    from stages.modeling import ModelParams, device_name, load_tokenizer, stop_token_ids, versions
+    from medtune.common import parse_section, read_jsonl, read_params_file
+    from medtune.stages.evaluate import EvaluateParams, generate
+    from medtune.stages.format import FormatParams, render
+    from medtune.modeling import ModelParams, device_name, load_tokenizer, stop_token_ids, versions
 
     repo = Path(__file__).resolve().parent.parent
     fmt, errs = parse_section(read_params_file(repo / "params.yaml")["format"], "format", FormatParams)

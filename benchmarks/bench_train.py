@@ -9,7 +9,7 @@ Llama-3.2-1B-shaped model with random weights: speed does not depend on the weig
 linear layers, bf16:
 - baseline: trl's defaults (padded batches, or packed rows in llama2048; gradient checkpointing on and LoRA
             dropout 0.05, as trl and peft set them);
-- medtune:  the `train` stage's own SFTConfig (stages.train.sft_config) with `recipes/gpu.yaml`'s params;
+- medtune:  the `train` stage's own SFTConfig (medtune.stages.train.sft_config) with `recipes/gpu.yaml`'s params;
 - variants: the recipe with some params changed (--variant NAME=JSON).
 Reported per run: non-padding tokens/s (over all timed steps, and steady: without the steps that compiled a
 kernel for a new shape, see StepTimer), padding share, MFU (steady), peak GPU memory during training (reset when
@@ -45,8 +45,8 @@ def tokenized_pool(data: Path, tok, n: int, max_answer_tokens: int, vocab_cap: i
     """MedQuAD rows rendered exactly as the format stage does (params.yaml's format section: same template, same
     answer cut), tokenized as trl tokenizes prompt/completion pairs. `vocab_cap` folds ids into a smaller
     vocabulary for a model of another shape (speed depends on shapes and lengths, not on which ids they are)."""
-    from stages.common import parse_section, read_jsonl, read_params_file
-    from stages.format import FormatParams, format_row
+    from medtune.common import parse_section, read_jsonl, read_params_file
+    from medtune.stages.format import FormatParams, format_row
 
     fmt, errs = parse_section(read_params_file(REPO / "params.yaml")["format"], "format", FormatParams)
     assert not errs, errs
@@ -132,8 +132,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     import torch
     from trl import SFTTrainer
 
-    from stages import train
-    from stages.modeling import compile_decoder_layers, use_varlen_attention
+    from medtune.stages import train
+    from medtune.modeling import compile_decoder_layers, use_varlen_attention
 
     cuda = torch.cuda.is_available()
     gc.collect()
@@ -143,7 +143,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         # cuDNN's SDPA kernel builds a plan per new shape (seconds each); off, SDPA uses the other fused kernels
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     model = model_fn(quantization)
-    if attn == "varlen":  # what the train stage sets for padding-free rows (stages.modeling.use_varlen_attention)
+    if attn == "varlen":  # what the train stage sets for padding-free rows (medtune.modeling.use_varlen_attention)
         use_varlen_attention(model)
     elif attn:  # another attention kernel, e.g. sdpa over the flattened row, or flex_attention (ships with torch)
         model.set_attn_implementation(attn)
@@ -223,7 +223,7 @@ SUITES = {  # name -> (model, batch size, max length, packing)
 @click.option("--steps", default=30, show_default=True, help="timed steps after the warm-up")
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--suite", "suites", multiple=True, type=click.Choice(list(SUITES)), help="default: all of them")
-@click.option("--template", default="gemma3_base", show_default=True, help="chat template in stages/templates/")
+@click.option("--template", default="gemma3_base", show_default=True, help="chat template in medtune/templates/")
 @click.option("--variant", "variants", multiple=True,
               help='extra medtune runs: NAME=JSON of train-param and SFTConfig overrides, plus "cudnn_sdp": false, "attn" '
                    '(varlen, sdpa, flex_attention; default: varlen for padding-free rows); '
@@ -235,9 +235,9 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig
 
-    from stages import train
-    from stages.common import parse_section, read_params_file
-    from stages.modeling import ModelParams, device_name, end_of_turn, load_tokenizer, versions
+    from medtune.stages import train
+    from medtune.common import parse_section, read_params_file
+    from medtune.modeling import ModelParams, device_name, end_of_turn, load_tokenizer, versions
 
     m = ModelParams(base=str(model_dir), revision=None, chat_template=template, trust_remote_code=False)
     tok = load_tokenizer(model_dir, m)

@@ -72,8 +72,8 @@ scaling)
   # the recipe's speed settings (recipes/gpu.yaml), a fixed number of steps, no checkpoints
   protocol_params model.base=/tmp/models/llama-1b-shape model.revision=null train.lora_dropout=0.0 \
     train.pad_to_multiple_of=64 train.max_steps=150 train.save_steps=0 train.eval_steps=0 train.logging_steps=10
-  python -m stages.format --in data/split --out data/formatted --metrics format.json 2>&1 | tail -1
-  t() { local name=$1; shift; "$@" -m stages.train --data data/formatted --out "adapter-$name" --metrics "$OUT/train_$name.json" \
+  python -m medtune.stages.format --in data/split --out data/formatted --metrics format.json 2>&1 | tail -1
+  t() { local name=$1; shift; "$@" -m medtune.stages.train --data data/formatted --out "adapter-$name" --metrics "$OUT/train_$name.json" \
           --curves "curves-$name" --checkpoints "ckpt-$name" --lineage "lineage-$name.json" > "/tmp/logs/train_$name.log" 2>&1 \
           && cp "curves-$name/log_history.json" "$OUT/history_$name.json"; echo "$name rc=$?"; tail -2 "/tmp/logs/train_$name.log"; }
   t gpu1 env CUDA_VISIBLE_DEVICES=0 python

@@ -30,9 +30,9 @@ def main(model_dir: Path, data: Path, out: Path, padding_free: bool, logging_ste
     from trl import SFTTrainer
 
     from benchmarks.bench_train import tokenized_pool
-    from stages import train
-    from stages.common import parse_section, read_params_file
-    from stages.modeling import ModelParams, end_of_turn, load_tokenizer, use_varlen_attention
+    from medtune.stages import train
+    from medtune.common import parse_section, read_params_file
+    from medtune.modeling import ModelParams, end_of_turn, load_tokenizer, use_varlen_attention
 
     repo = Path(__file__).resolve().parent.parent
     m = ModelParams(base=str(model_dir), revision=None, chat_template="gemma3_base", trust_remote_code=False)

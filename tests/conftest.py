@@ -83,7 +83,7 @@ def repo_copy(tmp_path, tiny_model) -> Path:
     """A fresh git + DVC repository holding the project's code and the tiny fixture data."""
     dst = tmp_path / "repo"
     dst.mkdir()
-    for name in ("stages", "dvc.yaml", ".gitignore"):
+    for name in ("medtune", "dvc.yaml", ".gitignore"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,4 +1,4 @@
-"""`python -m stages.check`, the CI gate on pulled artifacts: run the pipeline in one clone, `dvc push` to a
+"""`python -m medtune.tools.check`, the CI gate on pulled artifacts: run the pipeline in one clone, `dvc push` to a
 local remote, `git clone` + `dvc pull` into a second clone, and check there without retraining. Then tamper
 with a pulled file, with a metric, and raise a threshold: each fails with a message naming what failed.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from stages import check
+from medtune.tools import check
 from tests.conftest import REPO
 from tests.test_pipeline import dvc
 
@@ -27,7 +27,7 @@ def git(repo: Path, *args: str) -> None:
 
 
 def run_check(repo: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.check"], cwd=repo, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "medtune.tools.check"], cwd=repo, capture_output=True, text=True)
 
 
 def set_check(repo: Path, **values) -> None:

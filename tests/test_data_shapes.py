@@ -15,8 +15,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages import clean, fetch, format as format_stage, report, split
-from stages.common import read_jsonl
+from medtune.stages import clean
+from medtune.stages import fetch
+from medtune.stages import format as format_stage
+from medtune.stages import report
+from medtune.stages import split
+from medtune.common import read_jsonl
 from tests.conftest import ASSETS, REPO, tiny_params
 
 # README source paths -> the samples in tests/assets (see tests/assets/README.md)

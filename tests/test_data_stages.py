@@ -10,8 +10,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages import clean, fetch, format as format_stage, split
-from stages.common import BaseParams, MedtuneError, read_jsonl
+from medtune.stages import clean
+from medtune.stages import fetch
+from medtune.stages import format as format_stage
+from medtune.stages import split
+from medtune.common import BaseParams, MedtuneError, read_jsonl
 from tests.conftest import ASSETS, tiny_params
 
 BASE = BaseParams(seed=7)
@@ -135,7 +138,7 @@ def test_split_keeps_same_question_together():
 
 
 def test_format_renders_prompt_and_completion_that_training_and_eval_share(tmp_path, clean_dir, tiny_model):
-    from stages.modeling import ModelParams
+    from medtune.modeling import ModelParams
 
     split.run(split_params(), BASE, clean_dir, tmp_path / "split")
     m = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
@@ -146,7 +149,7 @@ def test_format_renders_prompt_and_completion_that_training_and_eval_share(tmp_p
     assert row["completion"].endswith("<eos>")
     assert summary["train"]["answers_truncated"] > 0  # 12 tokens is shorter than most answers
     # the prompt carries no BOS text: the tokenizer adds it, exactly once
-    from stages.modeling import load_tokenizer
+    from medtune.modeling import load_tokenizer
 
     ids = load_tokenizer(tiny_model, m)(row["prompt"] + row["completion"])["input_ids"]
     assert ids.count(2) == 1 and ids[0] == 2  # <bos> is id 2 in the tiny vocabulary
@@ -334,7 +337,7 @@ def split_dir(tmp_path, clean_dir) -> Path:
 
 
 def tiny_m(tiny_model):
-    from stages.modeling import ModelParams
+    from medtune.modeling import ModelParams
 
     return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
 
@@ -366,8 +369,8 @@ def test_format_overflow_drops_or_truncates(tmp_path, split_dir, tiny_model):
 def test_format_overflow_cut_reproduces_plain_trl_truncation_and_train_accepts_it(tmp_path, split_dir, tiny_model):
     """overflow=cut: long examples are cut at max_length tokens and lose their end token, as a plain trl run
     truncates them (the baseline of a comparison); train accepts exactly those rows without an end token."""
-    from stages import train
-    from stages.modeling import ModelParams
+    from medtune.stages import train
+    from medtune.modeling import ModelParams
 
     m, system = tiny_m(tiny_model), " ".join(["answer the question about the condition"] * 5)
     kw = {"system_prompt": system, "template": "qa", "max_answer_tokens": 60, "max_length": 64}
@@ -453,7 +456,7 @@ def test_fetch_options_column_as_mapping_or_list(tmp_path, options, key, correct
 
 @pytest.mark.parametrize("action", ["keep", "mask"])
 def test_report_counts_phi_left_in_the_training_data(tmp_path, tiny_rows, tiny_model, action):
-    from stages import report
+    from medtune.stages import report
 
     rows = [{"id": r["id"], "question": r["question"], "answer": r["answer"] + f" Call 301-555-01{i:02d}.", "focus": r["focus"]}
             for i, r in enumerate(tiny_rows[:30])]

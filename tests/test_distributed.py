@@ -9,9 +9,12 @@ import sys
 
 import yaml
 
-from stages import clean, fetch, format as format_stage, split
-from stages.common import BaseParams
-from stages.modeling import ModelParams
+from medtune.stages import clean
+from medtune.stages import fetch
+from medtune.stages import format as format_stage
+from medtune.stages import split
+from medtune.common import BaseParams
+from medtune.modeling import ModelParams
 from tests.conftest import ASSETS, REPO, tiny_params
 
 
@@ -27,7 +30,7 @@ def test_train_under_accelerate_launch_with_two_cpu_processes_saves_one_adapter(
 
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu2.yaml"),
-           "-m", "stages.train", "--data", "fmt", "--out", "adapter", "--metrics", "train.json",
+           "-m", "medtune.stages.train", "--data", "fmt", "--out", "adapter", "--metrics", "train.json",
            "--curves", "curves", "--checkpoints", "ckpt", "--lineage", "lineage.json"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

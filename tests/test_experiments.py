@@ -1,5 +1,5 @@
 """Experiments as the README runs them: a queued sweep (`dvc exp run --queue` with a grid, then
-`dvc exp run --run-all`) on the tiny model, compared by `python -m stages.compare` on the real
+`dvc exp run --run-all`) on the tiny model, compared by `python -m medtune.tools.compare` on the real
 `dvc exp show --json` output; and the reference recipes in recipes/: each validates against params.yaml, and a
 CPU-sized version of each runs through the data stages and two training steps.
 """
@@ -20,9 +20,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages import compare, validate
-from stages import recipe as recipe_cli
-from stages.common import read_jsonl
+from medtune.tools import compare
+from medtune.tools import validate
+from medtune.tools import recipe as recipe_cli
+from medtune.common import read_jsonl
 from tests.conftest import ASSETS, REPO, tiny_params
 from tests.test_pipeline import dvc
 
@@ -45,7 +46,7 @@ def test_queued_sweep_with_seeds_compared(repo_copy):
                  for n, d in runs.items()}
     assert set(by_config) == {(4, 42), (8, 42), (8, 7)}
 
-    proc = subprocess.run([sys.executable, "-m", "stages.compare", "--out", "reports/compare"], cwd=repo_copy,
+    proc = subprocess.run([sys.executable, "-m", "medtune.tools.compare", "--out", "reports/compare"], cwd=repo_copy,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "compared 3 runs in 2 rows (skipped: {'no metrics/eval_base.json': 2})" in proc.stderr  # HEAD, workspace: not run
@@ -78,7 +79,7 @@ def test_queued_sweep_with_seeds_compared(repo_copy):
 
     # against one named run (a plain baseline, say): question-by-question differences of the tuned scores
     ref = by_config[(4, 42)]
-    cmd = [sys.executable, "-m", "stages.compare", "--out", "reports/vs", "--reference", ref]
+    cmd = [sys.executable, "-m", "medtune.tools.compare", "--out", "reports/vs", "--reference", ref]
     proc = subprocess.run(cmd, cwd=repo_copy, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     vs = {r["changed_params"]: r for r in csv.DictReader((repo_copy / "reports/vs/compare.csv").open())}
@@ -139,19 +140,19 @@ def recipe(name: str) -> dict:
 
 
 def apply(params: dict, overrides: dict) -> dict:
-    """What stages.recipe does: each value replaces the params.yaml value (mappings too)."""
+    """What medtune.tools.recipe does: each value replaces the params.yaml value (mappings too)."""
     for section, values in overrides.items():
         params[section].update(values)
     return params
 
 
 def test_every_recipe_validates_and_dvc_applies_it_exactly(repo_copy):
-    """`stages.recipe` checks each recipe against the params schema and prints `-S` flags; queued with them
+    """`medtune.tools.recipe` checks each recipe against the params schema and prints `-S` flags; queued with them
     (as the README's eval line does), DVC's experiment has exactly the recipe's values."""
     for name in RECIPES:
         result = CliRunner().invoke(recipe_cli.main, [str(REPO / "recipes" / f"{name}.yaml")])
         assert result.exit_code == 0, f"{name}: {result.output}"  # validated against the repository's params.yaml
-        proc = subprocess.run([sys.executable, "-m", "stages.recipe", str(REPO / "recipes" / f"{name}.yaml")],
+        proc = subprocess.run([sys.executable, "-m", "medtune.tools.recipe", str(REPO / "recipes" / f"{name}.yaml")],
                               cwd=repo_copy, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         dvc(repo_copy, "exp", "run", "--queue", "-n", name, *shlex.split(proc.stdout))

@@ -14,9 +14,15 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from stages import clean, evaluate, fetch, format as format_stage, merge, split, train
-from stages.common import BaseParams, MedtuneError, read_jsonl
-from stages.modeling import ModelParams
+from medtune.stages import clean
+from medtune.stages import evaluate
+from medtune.stages import fetch
+from medtune.stages import format as format_stage
+from medtune.stages import merge
+from medtune.stages import split
+from medtune.stages import train
+from medtune.common import BaseParams, MedtuneError, read_jsonl
+from medtune.modeling import ModelParams
 from tests.conftest import ASSETS, tiny_params
 
 BASE = BaseParams(seed=3)
@@ -111,7 +117,7 @@ def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_model, forma
 
 
 def test_train_rejects_8bit_optimiser_without_cuda(tmp_path, tiny_model, formatted):
-    from stages.common import MedtuneError
+    from medtune.common import MedtuneError
 
     with pytest.raises(MedtuneError, match="adamw_torch"):
         train.run(train_params(tiny_model, optim="adamw_8bit"), model_params(tiny_model), BASE, formatted,
@@ -173,7 +179,7 @@ def test_lm_head_tile_sets_trls_tile_width_for_training_and_restores_it(tmp_path
 
 
 def test_lm_head_tile_below_16_is_a_params_error(tiny_model):
-    from stages.common import parse_section
+    from medtune.common import parse_section
 
     section = tiny_params(tiny_model)["train"] | {"lm_head_tile": 8}
     assert parse_section(section, "train", train.TrainParams) == (None, [
@@ -226,7 +232,7 @@ def test_merge_matches_base_plus_adapter(tmp_path, trained, tiny_model, formatte
 
 
 def test_merge_fails_on_an_impossible_tolerance_and_writes_nothing(tmp_path, trained, tiny_model, formatted):
-    from stages.common import MedtuneError
+    from medtune.common import MedtuneError
 
     d, _ = trained
     p = section(merge.MergeParams, tiny_model, "merge", dtype="bfloat16", atol=1e-9)
@@ -255,7 +261,7 @@ def test_loss_is_on_answer_tokens_only_and_the_end_of_turn_token_is_trained(tiny
     from trl import SFTTrainer
     from transformers import AutoModelForCausalLM
 
-    from stages.modeling import end_of_turn, load_tokenizer
+    from medtune.modeling import end_of_turn, load_tokenizer
 
     m = model_params(tiny_model)
     tok = load_tokenizer(tiny_model, m)
@@ -351,7 +357,7 @@ def test_train_params_reject_best_model_without_periodic_evaluation(tiny_model):
 
 
 def test_train_stops_before_loading_the_model_when_an_example_exceeds_max_length(tmp_path, tiny_model, formatted):
-    from stages.common import MedtuneError
+    from medtune.common import MedtuneError
 
     with pytest.raises(MedtuneError, match=r"train\.jsonl line \d+ .*train\.max_length=16"):
         train.run(train_params(tiny_model, max_length=16), model_params(tiny_model), BASE, formatted, tmp_path / "a", tmp_path / "c", tmp_path / "k")
@@ -360,7 +366,7 @@ def test_train_stops_before_loading_the_model_when_an_example_exceeds_max_length
 
 def test_train_refuses_answers_that_do_not_end_with_a_stop_token(tmp_path, tiny_model, formatted):
     """A template mistake (answers without the end-of-turn token) would train a model that never stops."""
-    from stages.common import MedtuneError
+    from medtune.common import MedtuneError
 
     bad = tmp_path / "fmt"
     bad.mkdir()
@@ -509,7 +515,7 @@ def test_choice_test_scores_each_option_and_the_tuned_run_has_the_paired_delta(t
 
 def test_batched_padded_option_scores_equal_one_sequence_at_a_time(tiny_model, choice_file):
     """Left padding, deduplicated inputs and logits kept for the last positions only must not shift an offset."""
-    from stages.modeling import load_model, load_tokenizer
+    from medtune.modeling import load_model, load_tokenizer
 
     m = model_params(tiny_model)
     tok, model = load_tokenizer(tiny_model, m), load_model(tiny_model, m).eval()
@@ -532,7 +538,7 @@ def test_batched_padded_option_scores_equal_one_sequence_at_a_time(tiny_model, c
 
 def test_calibrated_scores_equal_logp_after_the_prompt_minus_logp_after_the_content_free_prompt(tiny_model, choice_file):
     """One sequence at a time, with the content-free prompt spelled out: no context, "N/A", the same answer line."""
-    from stages.modeling import load_model, load_tokenizer
+    from medtune.modeling import load_model, load_tokenizer
 
     m = model_params(tiny_model)
     tok, model = load_tokenizer(tiny_model, m), load_model(tiny_model, m).eval()
@@ -600,7 +606,7 @@ def test_evaluate_cli_reports_a_malformed_choice_test_in_one_line(tmp_path, tiny
 
 
 def test_an_option_whose_tokens_merge_with_the_prompt_is_refused(tiny_model, choice_file, monkeypatch):
-    from stages.modeling import load_tokenizer
+    from medtune.modeling import load_tokenizer
 
     monkeypatch.setattr(evaluate, "choice_prompt", lambda tok, fmt, item: "is it")  # "is it" + "rare" = "is itrare"
     with pytest.raises(MedtuneError, match=r"choice test item 'choice/\d': the prompt's tokens are not a prefix"):

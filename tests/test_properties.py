@@ -10,9 +10,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages import clean, format as format_stage, split
-from stages.common import BaseParams, MedtuneError, read_jsonl
-from stages.modeling import ModelParams
+from medtune.stages import clean
+from medtune.stages import format as format_stage
+from medtune.stages import split
+from medtune.common import BaseParams, MedtuneError, read_jsonl
+from medtune.modeling import ModelParams
 from tests.test_data_stages import clean_params, format_params, split_params
 
 text = st.one_of(

@@ -13,9 +13,13 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from stages import clean, evaluate, fetch, merge, train
-from stages.common import MedtuneError
-from stages.modeling import ModelParams, resolve_base
+from medtune.stages import clean
+from medtune.stages import evaluate
+from medtune.stages import fetch
+from medtune.stages import merge
+from medtune.stages import train
+from medtune.common import MedtuneError
+from medtune.modeling import ModelParams, resolve_base
 from tests.conftest import ASSETS, REPO, tiny_params
 from tests.test_data_stages import BASE, clean_params, fetch_params
 from tests.test_model_stages import formatted, model_params, section, train_params  # noqa: F401 (fixture)
@@ -47,7 +51,7 @@ def test_missing_offline_base_model_says_how_to_provide_it():
 
 
 def test_hub_model_must_be_pinned(tmp_path, tiny_model, monkeypatch):
-    from stages.validate import check_all
+    from medtune.tools.validate import check_all
 
     p = tiny_params(tiny_model)
     p["model"].update(base="google/gemma-3-270m", revision=None)
@@ -59,7 +63,7 @@ def test_params_check_needs_no_serving_libraries(tmp_path):
     import subprocess
     import sys
 
-    block = "import sys; sys.modules.update(fastapi=None, gradio=None, uvicorn=None); from stages.validate import main; main()"
+    block = "import sys; sys.modules.update(fastapi=None, gradio=None, uvicorn=None); from medtune.tools.validate import main; main()"
     proc = subprocess.run([sys.executable, "-c", block, "--params", str(REPO / "params.yaml")], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("params.yaml: ok"), proc.stderr[-2000:]
@@ -140,7 +144,7 @@ def test_killed_train_stage_resumes_and_ends_with_the_same_steps(tmp_path, tiny_
     p = tiny_params(tiny_model)
     p["train"].update(target_modules=["q_proj", "v_proj"], max_steps=200, save_steps=5, logging_steps=50)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    cmd = [sys.executable, "-m", "stages.train", "--data", str(formatted), "--out", "adapter", "--metrics", "train.json",
+    cmd = [sys.executable, "-m", "medtune.stages.train", "--data", str(formatted), "--out", "adapter", "--metrics", "train.json",
            "--curves", "curves", "--checkpoints", "ckpt", "--lineage", "lineage.json"]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -170,7 +174,7 @@ def test_disk_full_while_writing_keeps_the_previous_outputs(tmp_path, tiny_model
     p = tiny_params(tiny_model)
     p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    cmd = [sys.executable, "-m", "stages.fetch", "--out", "raw"]
+    cmd = [sys.executable, "-m", "medtune.stages.fetch", "--out", "raw"]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONDONTWRITEBYTECODE": "1"}
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     before = {f.name: f.read_bytes() for f in (tmp_path / "raw").iterdir()}
@@ -198,7 +202,7 @@ def test_secrets_never_reach_logs_or_model_cards(tmp_path, tiny_model, monkeypat
 
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     logs = ""
-    for cmd in (["stages.fetch", "--out", "raw"], ["stages.clean", "--in", "raw", "--out", "clean", "--metrics", "clean.json"]):
+    for cmd in (["medtune.stages.fetch", "--out", "raw"], ["medtune.stages.clean", "--in", "raw", "--out", "clean", "--metrics", "clean.json"]):
         proc = subprocess.run([sys.executable, "-m", *cmd], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
         logs += proc.stdout + proc.stderr
     assert "running fetch" in logs and secret not in logs  # params are logged, the environment is not

@@ -20,8 +20,8 @@ def test_default_dvc_repro_tunes_a_model_that_beats_its_base(tmp_path, monkeypat
     subprocess.run(["git", "clone", "-q", str(REPO), str(repo)], check=True)
     for f in ("params.yaml", "dvc.yaml"):  # the working tree's version, committed or not
         shutil.copy(REPO / f, repo / f)
-    shutil.rmtree(repo / "stages")
-    shutil.copytree(REPO / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(repo / "medtune")
+    shutil.copytree(REPO / "medtune", repo / "medtune", ignore=shutil.ignore_patterns("__pycache__"))
     out = dvc(repo, "repro", "--force")
     assert "train" in ran(out) and "merge" in ran(out)
     base = json.loads((repo / "metrics/eval_base.json").read_text())

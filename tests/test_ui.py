@@ -49,7 +49,7 @@ def ui(workdir, tiny_adapter, tmp_path_factory):  # noqa: F811
     p = yaml.safe_load((workdir / "params.yaml").read_text())
     p["chat"].update(max_new_tokens=NEW_TOKENS, max_new_tokens_cap=NEW_TOKENS)  # long enough to see the answer grow
     (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    proc, url = start_server(["stages.ui", "--adapter", str(tiny_adapter)], d, "/", d / "ui.log")
+    proc, url = start_server(["medtune.commands.ui", "--adapter", str(tiny_adapter)], d, "/", d / "ui.log")
     yield url, d, p["ui"]["examples"]
     stop_server(proc)
 

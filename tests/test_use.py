@@ -18,12 +18,14 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages import card as card_stage
-from stages import chat, merge, push
-from stages.card import CardInputs, CardParams
-from stages.common import load_params, write_json
-from stages.format import FormatParams, render
-from stages.modeling import ModelParams, load_tokenizer
+from medtune.tools import card as card_stage
+from medtune.commands import chat
+from medtune.stages import merge
+from medtune.tools import push
+from medtune.tools.card import CardInputs, CardParams
+from medtune.common import load_params, write_json
+from medtune.stages.format import FormatParams, render
+from medtune.modeling import ModelParams, load_tokenizer
 from tests.conftest import REPO, tiny_params
 
 QUESTION = "what are the symptoms of glaucoma ?"
@@ -39,7 +41,7 @@ def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from stages.modeling import load_model
+    from medtune.modeling import load_model
 
     out = tmp_path_factory.mktemp("adapter")
     m = model_params(tiny_model)
@@ -85,7 +87,7 @@ def in_workdir(workdir, monkeypatch, tmp_path) -> Path:
 
 
 def expected_answer(tiny_model: Path, adapter: Path | None, question: str, max_new_tokens: int) -> str:
-    """Greedy generation on the training prompt, written out independently of stages.chat."""
+    """Greedy generation on the training prompt, written out independently of medtune.commands.chat."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -224,7 +226,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def api(workdir, tiny_adapter, tmp_path_factory):
-    proc, url = start_server(["stages.serve", "--adapter", str(tiny_adapter), "--with-base"], workdir, "/health",
+    proc, url = start_server(["medtune.commands.serve", "--adapter", str(tiny_adapter), "--with-base"], workdir, "/health",
                              tmp_path_factory.mktemp("serve") / "serve.log")
     yield url
     stop_server(proc)
@@ -409,7 +411,7 @@ def test_push_without_dry_run_fails_in_one_line_when_the_hub_is_unreachable(in_w
 
 
 def test_use_params_are_checked_all_at_once(tiny_model):
-    from stages.validate import check_all
+    from medtune.tools.validate import check_all
 
     p = tiny_params(tiny_model)
     p["chat"].update(max_new_tokens=0, temperature=-1)

@@ -2,7 +2,7 @@
 
 Run as:  python data/benchmarks/make_pubmedqa.py ../shared/data/pubmedqa/pubmedqa_pqal.jsonl
 Keeps the 500 items of the official test split, in the general choice-test shape that
-`python -m stages.evaluate --choice-test FILE` reads (one JSON object per line, sorted by id):
+`python -m medtune.stages.evaluate --choice-test FILE` reads (one JSON object per line, sorted by id):
     {"id", "question", "context" (the abstract without its conclusion, one "LABEL: text" line per
      section, in order), "options": ["yes", "no", "maybe"], "answer": one of the options}
 The conclusion (`long_answer`) is left out: it usually states the answer. See README.md here.

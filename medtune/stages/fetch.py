@@ -12,7 +12,7 @@ so every dataset shape goes through the same later stages:
 `fetch.mix` appends more sources with their own column names (mixed collections); `max_rows` keeps a
 seeded random subset of the whole.
 
-DVC stage `fetch`.  Run by hand:  python -m stages.fetch --out data/raw
+DVC stage `fetch`.  Run by hand:  python -m medtune.stages.fetch --out data/raw
 Reads params `base`, `fetch`. Writes data/raw/records.jsonl, then data/raw/manifest.json last, so a
 manifest means the fetch completed.
 """
@@ -32,7 +32,7 @@ from typing import Literal
 import click
 import numpy as np
 
-from stages.common import (
+from medtune.common import (
     BaseParams,
     MedtuneError,
     atomic_dir,

@@ -1,7 +1,7 @@
 """Fine-tune a LoRA adapter on the formatted train split with trl's SFTTrainer; loss on answer tokens only.
 
 DVC stage `train`.  Run by hand:
-    python -m stages.train --data data/formatted --out models/adapter --metrics metrics/train.json \
+    python -m medtune.stages.train --data data/formatted --out models/adapter --metrics metrics/train.json \
         --curves metrics/train_curves --checkpoints models/checkpoints --lineage metrics/lineage.json
 Reads params `base`, `model`, `train`. Writes the adapter (safetensors + tokenizer + run_config.json), the
 training metrics, loss curves (dvclive TSV + PNG). Checkpoints go to --checkpoints, which DVC does not
@@ -24,7 +24,7 @@ from typing import Literal
 
 import click
 
-from stages.common import (
+from medtune.common import (
     BaseParams,
     MedtuneError,
     atomic_dir,
@@ -36,7 +36,7 @@ from stages.common import (
     setup_logging,
     write_json,
 )
-from stages.modeling import (
+from medtune.modeling import (
     ModelParams,
     compile_decoder_layers,
     device,

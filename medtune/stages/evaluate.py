@@ -14,9 +14,9 @@ the model's prior for the first word of an answer (on the H100, the base gemma-3
 
 DVC stages `evaluate_base` and `evaluate_tuned` (the base evaluation does not depend on the adapter, so it
 stays cached across training sweeps). Run by hand:
-    python -m stages.evaluate --data data/formatted --choice-test data/benchmarks/pubmedqa_test.jsonl \
+    python -m medtune.stages.evaluate --data data/formatted --choice-test data/benchmarks/pubmedqa_test.jsonl \
         --out eval/base --metrics metrics/eval_base.json
-    python -m stages.evaluate --data data/formatted --choice-test data/benchmarks/pubmedqa_test.jsonl \
+    python -m medtune.stages.evaluate --data data/formatted --choice-test data/benchmarks/pubmedqa_test.jsonl \
         --adapter models/adapter --baseline eval/base/predictions.jsonl --out eval/tuned --metrics metrics/eval_tuned.json
 Reads params `base`, `model`, `format`, `evaluate`.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from stages.common import (
+from medtune.common import (
     BaseParams,
     MedtuneError,
     atomic_dir,
@@ -50,8 +50,8 @@ from stages.common import (
     write_json,
     write_text_atomic,
 )
-from stages.format import FormatParams, render
-from stages.modeling import ModelParams, device, load_model, load_tokenizer, resolve_base, stop_token_ids
+from medtune.stages.format import FormatParams, render
+from medtune.modeling import ModelParams, device, load_model, load_tokenizer, resolve_base, stop_token_ids
 
 log = logging.getLogger("medtune.evaluate")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")

@@ -1,6 +1,6 @@
 """Check every section of params.yaml at once, before any stage does work.
 
-Run as:  python -m stages.validate      (exit 0 and "params.yaml: ok", or exit 1 listing every problem)
+Run as:  python -m medtune.tools.validate      (exit 0 and "params.yaml: ok", or exit 1 listing every problem)
 """
 
 from __future__ import annotations
@@ -9,12 +9,24 @@ from pathlib import Path
 
 import click
 
-from stages.common import BaseParams, cli_errors, parse_section, read_params_file, MedtuneError
+from medtune.common import BaseParams, cli_errors, parse_section, read_params_file, MedtuneError
 
 
 def sections() -> dict:
-    from stages import card, chat, check, clean, compare, evaluate, fetch, format, merge, report, split, train, ui
-    from stages.modeling import ModelParams
+    from medtune.tools import card
+    from medtune.commands import chat
+    from medtune.tools import check
+    from medtune.stages import clean
+    from medtune.tools import compare
+    from medtune.stages import evaluate
+    from medtune.stages import fetch
+    from medtune.stages import format
+    from medtune.stages import merge
+    from medtune.stages import report
+    from medtune.stages import split
+    from medtune.stages import train
+    from medtune.commands import ui
+    from medtune.modeling import ModelParams
 
     return {"base": BaseParams, "model": ModelParams, "fetch": fetch.FetchParams, "clean": clean.CleanParams,
             "split": split.SplitParams, "format": format.FormatParams, "train": train.TrainParams,

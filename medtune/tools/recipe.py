@@ -2,9 +2,9 @@
 checking every key against params.yaml's schema. A recipe value replaces the whole params.yaml value,
 mappings too (`fetch.columns`, `format.disclaimer`: a mapping is removed and set again, `~key +key={...}`).
 
-Run as:  dvc exp run $(python -m stages.recipe recipes/gpu.yaml)
+Run as:  dvc exp run $(python -m medtune.tools.recipe recipes/gpu.yaml)
   or, when a value holds spaces (the flags are then shell-quoted):
-         eval "dvc exp run --queue $(python -m stages.recipe recipes/medquad_llama32_1b.yaml)"
+         eval "dvc exp run --queue $(python -m medtune.tools.recipe recipes/medquad_llama32_1b.yaml)"
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 import yaml
 
-from stages.common import MedtuneError, cli_errors, read_params_file
-from stages.validate import check_all
+from medtune.common import MedtuneError, cli_errors, read_params_file
+from medtune.tools.validate import check_all
 
 PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")  # strings DVC's override grammar (Hydra's) reads as themselves
 

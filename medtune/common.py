@@ -1,6 +1,6 @@
 """Helpers shared by every stage: strict params, jsonl I/O, atomic outputs, seeding, logging.
 
-Nothing here knows about models; see `stages/modeling.py` for that.
+Nothing here knows about models; see `medtune/modeling.py` for that.
 """
 
 from __future__ import annotations

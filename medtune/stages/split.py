@@ -1,7 +1,7 @@
 """Split cleaned records into train/val/test by group, so that no topic, document, repeated question or
 near-duplicate answer straddles train and test; then prove it.
 
-DVC stage `split`.  Run by hand:  python -m stages.split --in data/clean --out data/split --metrics metrics/split.json
+DVC stage `split`.  Run by hand:  python -m medtune.stages.split --in data/clean --out data/split --metrics metrics/split.json
 Reads params `base`, `split`. Writes data/split/{train,val,test}.jsonl and the counts + leakage check to metrics.
 
 Rows are joined into groups (transitively) when they share a `split.group_by` value (MedQuAD's focus and
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import click
 
-from stages.clean import NUM_PERM, minhash
-from stages.common import (
+from medtune.stages.clean import NUM_PERM, minhash
+from medtune.common import (
     BaseParams,
     MedtuneError,
     atomic_dir,

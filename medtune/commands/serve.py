@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP API for the fine-tuned model: `POST /v1/chat/completions` (streamed as server-sent
 events with `"stream": true`, or whole), `GET /v1/models`, `GET /health`; FastAPI served by uvicorn.
 
-    python -m stages.serve --model models/merged --port 8000
-    python -m stages.serve --adapter models/adapter --exp my-exp --with-base    # also serves model "base"
+    python -m medtune.commands.serve --model models/merged --port 8000
+    python -m medtune.commands.serve --adapter models/adapter --exp my-exp --with-base    # also serves model "base"
     curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \
          -d '{"model": "tuned", "messages": [{"role": "user", "content": "What causes gout ?"}]}'
 
@@ -29,7 +29,7 @@ from fastapi import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages.chat import (
+from medtune.commands.chat import (
     DISCLAIMER,
     Answer,
     ChatModel,
@@ -40,7 +40,7 @@ from stages.chat import (
     load_tuned,
     model_folder,
 )
-from stages.common import MedtuneError, cli_errors, load_params, setup_logging
+from medtune.common import MedtuneError, cli_errors, load_params, setup_logging
 
 log = logging.getLogger("medtune.serve")
 

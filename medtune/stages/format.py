@@ -8,7 +8,7 @@ lettered options; the answer starts "Answer: <letter>. <option>" then "Explanati
 end the completion with the tokenizer's eos token. Multiple-choice rows use the same answer text in every
 template, so evaluation can parse the chosen letter; multi-turn rows render all earlier turns into the prompt.
 
-DVC stage `format`.  Run by hand:  python -m stages.format --in data/split --out data/formatted --metrics metrics/format.json
+DVC stage `format`.  Run by hand:  python -m medtune.stages.format --in data/split --out data/formatted --metrics metrics/format.json
 Reads params `model`, `format`. Writes data/formatted/{train,val,test}.jsonl.
 """
 
@@ -22,7 +22,7 @@ from typing import Literal
 
 import click
 
-from stages.common import (
+from medtune.common import (
     MedtuneError,
     atomic_dir,
     cli_errors,
@@ -35,7 +35,7 @@ from stages.common import (
     write_json,
     write_text_atomic,
 )
-from stages.modeling import ModelParams, end_of_turn, load_tokenizer, resolve_base
+from medtune.modeling import ModelParams, end_of_turn, load_tokenizer, resolve_base
 
 log = logging.getLogger("medtune.format")
 SPLITS = ("train", "val", "test")

@@ -3,10 +3,10 @@ model, loaded back from disk, must give the same logits as base + adapter on tes
 `merge.atol`) and the same greedy answers. The stage fails if it does not.
 
 DVC stage `merge`.  Run by hand:
-    python -m stages.merge --adapter models/adapter --data data/formatted --out models/merged --metrics metrics/merge.json \
+    python -m medtune.stages.merge --adapter models/adapter --data data/formatted --out models/merged --metrics metrics/merge.json \
         --eval-base metrics/eval_base.json --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md
 Reads params `model`, `merge`, `format`, `card`. Writes safetensors, tokenizer (with the chat template),
-generation config, run_config.json and the model card README.md (stages/card.py) to --out.
+generation config, run_config.json and the model card README.md (medtune/tools/card.py) to --out.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Literal
 
 import click
 
-from stages.card import CardInputs, CardParams, check_card_inputs, write_model_card
-from stages.common import MedtuneError, atomic_dir, cli_errors, load_params, log_params, read_jsonl, setup_logging, write_json
-from stages.format import FormatParams
-from stages.modeling import ModelParams, device_name, load_model, load_tokenizer, resolve_base, stop_token_ids, versions
+from medtune.tools.card import CardInputs, CardParams, check_card_inputs, write_model_card
+from medtune.common import MedtuneError, atomic_dir, cli_errors, load_params, log_params, read_jsonl, setup_logging, write_json
+from medtune.stages.format import FormatParams
+from medtune.modeling import ModelParams, device_name, load_model, load_tokenizer, resolve_base, stop_token_ids, versions
 
 log = logging.getLogger("medtune.merge")
 

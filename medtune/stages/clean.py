@@ -5,7 +5,7 @@ Works on every canonical record shape from `fetch`: question/answer (+ instructi
 choice (options, correct, explanation; an explanation that only repeats the choice is removed) and
 dialogue (`messages`; question/answer become its last user and assistant turns).
 
-DVC stage `clean`.  Run by hand:  python -m stages.clean --in data/raw --out data/clean --metrics metrics/clean.json
+DVC stage `clean`.  Run by hand:  python -m medtune.stages.clean --in data/raw --out data/clean --metrics metrics/clean.json
 Reads params `clean`. Writes data/clean/records.jsonl and the counts to the metrics file.
 """
 
@@ -23,7 +23,7 @@ from typing import Literal
 
 import click
 
-from stages.common import (
+from medtune.common import (
     MedtuneError,
     atomic_dir,
     cli_errors,

@@ -2,9 +2,9 @@
 the base model's answer to the same prompt. The `ui` and `serve` commands load and generate through the
 functions here, so all three prompt the model exactly as training did.
 
-    python -m stages.chat --model models/merged "What are the symptoms of glaucoma ?"
-    python -m stages.chat --adapter models/adapter --compare "How is high blood pressure treated ?"
-    python -m stages.chat --adapter models/adapter --exp my-exp      # no question: one per line from stdin
+    python -m medtune.commands.chat --model models/merged "What are the symptoms of glaucoma ?"
+    python -m medtune.commands.chat --adapter models/adapter --compare "How is high blood pressure treated ?"
+    python -m medtune.commands.chat --adapter models/adapter --exp my-exp      # no question: one per line from stdin
 
 The model is a merged model folder (`--model`, from the merge stage) or base + LoRA adapter (`--adapter`,
 from the train stage). `--exp` takes that folder from a DVC experiment (a name from `dvc exp show`) or any
@@ -29,7 +29,7 @@ from typing import Any
 
 import click
 
-from stages.common import (
+from medtune.common import (
     MedtuneError,
     cli_errors,
     load_params,
@@ -37,8 +37,8 @@ from stages.common import (
     read_params_file,
     setup_logging,
 )
-from stages.format import FormatParams, render
-from stages.modeling import (
+from medtune.stages.format import FormatParams, render
+from medtune.modeling import (
     ModelParams,
     cache_dir,
     load_model,
@@ -75,8 +75,8 @@ class ChatParams:
 
 @dataclasses.dataclass(frozen=True)
 class ServeParams:
-    """params.yaml `serve:` (used by stages/serve.py). Kept here, beside ChatParams, so that checking params
-    (`stages.validate`) needs no web framework."""
+    """params.yaml `serve:` (used by medtune/commands/serve.py). Kept here, beside ChatParams, so that checking params
+    (`medtune.tools.validate`) needs no web framework."""
 
     max_request_bytes: int  # larger request bodies are refused with 413
 

@@ -1,10 +1,10 @@
 """A web chat with the fine-tuned model (Gradio): streamed answers, the model and revision shown, a medical
 disclaimer, example questions, and a side-by-side mode that streams the base model's answer beside it.
 
-    python -m stages.ui --adapter models/adapter            # then open http://127.0.0.1:7860
-    python -m stages.ui --model models/merged --exp my-exp --port 7861
+    python -m medtune.commands.ui --adapter models/adapter            # then open http://127.0.0.1:7860
+    python -m medtune.commands.ui --model models/merged --exp my-exp --port 7861
 
-Loads models like `python -m stages.chat` (same options, same prompt template as training); the base
+Loads models like `python -m medtune.commands.chat` (same options, same prompt template as training); the base
 model for the side-by-side mode is loaded too unless --no-compare. Each question is answered on its own,
 as in training: earlier turns stay on screen but are not sent to the model. Reads params `chat`, `ui`.
 Runs offline: no analytics, no share link, system fonts.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from stages.chat import (
+from medtune.commands.chat import (
     DISCLAIMER,
     Answer,
     ChatModel,
@@ -30,7 +30,7 @@ from stages.chat import (
     load_tuned,
     model_folder,
 )
-from stages.common import cli_errors, load_params, setup_logging
+from medtune.common import cli_errors, load_params, setup_logging
 
 log = logging.getLogger("medtune.ui")
 

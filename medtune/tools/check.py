@@ -8,7 +8,7 @@
 4. the adapter loads on its base model and answers the first test questions.
 
 Every failure is listed at once in one line naming the file and the metric or output; exit 1.
-Not a DVC stage. Run from the repository root:  python -m stages.check
+Not a DVC stage. Run from the repository root:  python -m medtune.tools.check
 Reads params `model`, `check`.
 """
 
@@ -22,7 +22,7 @@ from typing import Literal
 
 import click
 
-from stages.common import (
+from medtune.common import (
     MedtuneError,
     cli_errors,
     load_params,
@@ -30,7 +30,7 @@ from stages.common import (
     read_jsonl,
     setup_logging,
 )
-from stages.modeling import (
+from medtune.modeling import (
     ModelParams,
     load_model,
     load_tokenizer,
@@ -143,7 +143,7 @@ def metric_problems(p: CheckParams, eval_base: Path, eval_tuned: Path, merge: Pa
 
 def lineage_problems(m: ModelParams, identity: dict, tok, lineage_file: Path) -> list[str]:
     """The base model and rendered chat template recorded at training time must be the ones used now."""
-    from stages.train import lineage
+    from medtune.stages.train import lineage
 
     recorded = read_metrics(lineage_file, problems := [])
     if recorded is None:

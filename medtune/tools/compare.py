@@ -4,8 +4,8 @@ where the delta is within noise, the best run per base model, training speed and
 only in `base.seed` are one row, reported as mean ± std over the seeds.
 
 Not a DVC stage: it reads the experiments DVC recorded. Run as:
-    python -m stages.compare --out reports/compare      # runs `dvc exp show --json --param-deps` itself
-    dvc exp show --json --param-deps -A > exps.json && python -m stages.compare --exps exps.json --out reports/compare
+    python -m medtune.tools.compare --out reports/compare      # runs `dvc exp show --json --param-deps` itself
+    dvc exp show --json --param-deps -A > exps.json && python -m medtune.tools.compare --exps exps.json --out reports/compare
 Only the params sections that dvc.yaml's stages depend on are compared (not `check:`, `ui:`, ...).
 `--reference NAME` also compares every run with one named run (e.g. a plain baseline) on the same test
 questions: the paired difference of the tuned models' scores, with its bootstrap CI (params `evaluate`).
@@ -27,7 +27,7 @@ from typing import Literal
 import click
 import numpy as np
 
-from stages.common import (
+from medtune.common import (
     MedtuneError,
     atomic_dir,
     cli_errors,
@@ -234,7 +234,7 @@ def against_reference(rows: list[dict], runs: list[dict], reference: str, predic
     mean over its seeds, with the bootstrap CI when it has one seed. A run with other test questions (a split
     with another seed) is not comparable: left out, and a row of only such runs gets no value. The reference's
     scores come from `reference_predictions` (e.g. its base model's answers), else from the same file."""
-    from stages.evaluate import bootstrap_ci
+    from medtune.stages.evaluate import bootstrap_ci
 
     ref = [r for r in runs if r["name"] == reference]
     if not ref:
@@ -371,8 +371,8 @@ def exp_show_json() -> list:
                    "answers (an experiment that ran only evaluate_base in another prompt layout); default: --predictions")
 def main(exps_file: Path | None, out_dir: Path, pipeline: Path, eval_base: str, eval_tuned: str, train_metrics: str,
          reference: str | None, predictions: str, reference_predictions: str | None) -> None:
-    from stages.common import BaseParams
-    from stages.evaluate import EvaluateParams
+    from medtune.common import BaseParams
+    from medtune.stages.evaluate import EvaluateParams
 
     setup_logging()
     with cli_errors():

@@ -3,7 +3,7 @@ lengths against format.max_length, likely PHI left in the training data, counts 
 option, and rendered training examples with their loss mask (which tokens are trained).
 
 DVC stage `report`.  Run by hand:
-  python -m stages.report --raw data/raw --clean-metrics metrics/clean.json --split-metrics metrics/split.json \
+  python -m medtune.stages.report --raw data/raw --clean-metrics metrics/clean.json --split-metrics metrics/split.json \
       --format-metrics metrics/format.json --data data/formatted --out metrics/data_quality.json \
       --details reports/data_quality.json --markdown reports/data_quality.md
 Reads params `model`, `format`, `report`. Writes a few key figures as DVC metrics (flat JSON, so
@@ -21,10 +21,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from stages.clean import find_phi
-from stages.common import MedtuneError, cli_errors, load_params, log_params, read_jsonl, setup_logging, write_json, write_text_atomic
-from stages.format import FormatParams
-from stages.modeling import ModelParams, end_of_turn, load_tokenizer, resolve_base
+from medtune.stages.clean import find_phi
+from medtune.common import MedtuneError, cli_errors, load_params, log_params, read_jsonl, setup_logging, write_json, write_text_atomic
+from medtune.stages.format import FormatParams
+from medtune.modeling import ModelParams, end_of_turn, load_tokenizer, resolve_base
 
 log = logging.getLogger("medtune.report")
 SPLITS = ("train", "val", "test")
