@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM
 
-from medtune.common import MedtuneError
-from medtune.modeling import VARLEN, use_varlen_attention
+from medtune.console import MedtuneError
+from medtune.attention import VARLEN, use_varlen_attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,7 +1,7 @@
-"""Every dataset shape of the README's "Data shapes" section goes through fetch -> clean -> split -> format
+"""Every dataset shape of docs/data.md's "Data shapes" section goes through fetch -> clean -> split -> format
 (-> report) from params alone, on real sample rows, through the CLI; the same params give byte-identical files.
 
-The params are the README's own yaml blocks, so the documentation is what is tested.
+The params are the documentation's own yaml blocks, so the documentation is what is tested.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from medtune.stages import fetch
 from medtune.stages import format as format_stage
 from medtune.stages import report
 from medtune.stages import split
-from medtune.common import read_jsonl
+from medtune.io import read_jsonl
+from medtune.splitting import SPLITS
 from tests.conftest import ASSETS, REPO, tiny_params
 
 # README source paths -> the samples in tests/assets (see tests/assets/README.md)
@@ -35,13 +36,13 @@ EXTRA = {"medquad_xml": {"split": {"group_by": []}}}
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 SHAPES = ["medquad_xml", "instruction", "context_question_answer", "mcq", "mcq_fixed_options", "dialogue", "mixed"]
 STAGE_OUTPUTS = ["data/raw/records.jsonl", "data/raw/manifest.json", "data/clean/records.jsonl", "metrics/clean.json",
-                 *[f"data/split/{s}.jsonl" for s in split.SPLITS], "metrics/split.json",
-                 *[f"data/formatted/{s}.jsonl" for s in split.SPLITS], "metrics/format.json",
+                 *[f"data/split/{s}.jsonl" for s in SPLITS], "metrics/split.json",
+                 *[f"data/formatted/{s}.jsonl" for s in SPLITS], "metrics/format.json",
                  "metrics/data_quality.json", "reports/data_quality.json", "reports/data_quality.md"]
 
 
-def readme_blocks() -> dict[str, dict]:
-    text = (REPO / "README.md").read_text()
+def doc_blocks() -> dict[str, dict]:
+    text = (REPO / "docs" / "data.md").read_text()
     blocks = re.findall(r"```yaml\n# shape: (\w+)\n(.*?)```", text, flags=re.S)
     return {name: yaml.safe_load(body) for name, body in blocks}
 
@@ -50,10 +51,10 @@ def shape_params(name: str, tiny_model: Path, root: Path) -> dict:
     p = tiny_params(tiny_model)
     p["split"].update(TINY_SPLIT)
     p["format"].update({k: DEFAULTS["format"][k] for k in ("max_answer_tokens", "max_length")})  # no training here
-    for part in (readme_blocks()[name], EXTRA.get(name, {})):
+    for part in (doc_blocks()[name], EXTRA.get(name, {})):
         for section, values in part.items():
             p[section].update(values)
-    for src in [p["fetch"]] + p["fetch"]["mix"]:  # copy the sample where the README's path points
+    for src in [p["fetch"]] + p["fetch"]["mix"]:  # copy the sample where the documented path points
         dst = root / src["source"]
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if SAMPLES[src["source"]].is_dir() else shutil.copy)(SAMPLES[src["source"]], dst)
@@ -77,11 +78,11 @@ def run_stages(root: Path) -> None:
 
 
 def formatted(root: Path) -> dict[str, list[dict]]:
-    return {s: read_jsonl(root / "data/formatted" / f"{s}.jsonl") for s in split.SPLITS}
+    return {s: read_jsonl(root / "data/formatted" / f"{s}.jsonl") for s in SPLITS}
 
 
 def test_readme_documents_every_shape():
-    assert sorted(readme_blocks()) == sorted(SHAPES)
+    assert sorted(doc_blocks()) == sorted(SHAPES)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -98,7 +99,7 @@ def test_shape_runs_through_the_data_stages_from_params_alone(shape, tiny_model,
         assert (roots[0] / f).read_bytes() == (roots[1] / f).read_bytes(), f
     root = roots[0]
     rows = formatted(root)
-    every = [r for s in split.SPLITS for r in rows[s]]
+    every = [r for s in SPLITS for r in rows[s]]
     quality = json.loads((root / "reports/data_quality.json").read_text())
     key = json.loads((root / "metrics/data_quality.json").read_text())
     assert all(not isinstance(v, dict) for v in key.values()) and {"rows_train", "dropped", "duplicates", "leakage_ok",
@@ -137,7 +138,7 @@ def check_context_question_answer(root, rows, every, quality):
     assert raw["contexts"][0][:60] in r["prompt"] and r["question"] == raw["question"] and r["year"] == raw["year"]
     assert r["prompt"].index(raw["contexts"][-1][:40]) < r["prompt"].index(raw["question"])  # context, then the question
     fm = json.loads((root / "metrics/format.json").read_text())
-    assert sum(fm[s]["rows"] for s in split.SPLITS) == 24
+    assert sum(fm[s]["rows"] for s in SPLITS) == 24
 
 
 def check_mcq(root, rows, every, quality):
@@ -149,7 +150,7 @@ def check_mcq(root, rows, every, quality):
     assert by_id["mcq/1"]["correct"] == "C" and by_id["mcq/1"]["completion"].startswith("Answer: C. Vitamin C\nExplanation: Scurvy")
     assert by_id["mcq/2"]["completion"] == "Answer: B. Small intestine<eos>"
     assert by_id["mcq/4"]["prompt"] == "Question: Drug of choice for anaphylactic shock is:\nA. Adrenaline\nB. Atropine\nC. Hydrocortisone\nD. Antihistamine\n"
-    assert sum(quality["counts"]["correct"][s].get("B", 0) for s in split.SPLITS) == 5  # mcq/2, 5, 8, 9, 10
+    assert sum(quality["counts"]["correct"][s].get("B", 0) for s in SPLITS) == 5  # mcq/2, 5, 8, 9, 10
 
 
 def check_mcq_fixed_options(root, rows, every, quality):

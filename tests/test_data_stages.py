@@ -14,7 +14,14 @@ from medtune.stages import clean
 from medtune.stages import fetch
 from medtune.stages import format as format_stage
 from medtune.stages import split
-from medtune.common import BaseParams, MedtuneError, read_jsonl
+from medtune.params import BaseParams
+from medtune.console import MedtuneError
+from medtune.io import read_jsonl
+from medtune.cleaning import normalise
+from medtune.dedup import NearDups
+from medtune.params import CleanParams, FetchParams, FormatParams, ReportParams, SplitParams, TrainParams
+from medtune import splitting
+from medtune.splitting import SPLITS, answer_sig, group_rows
 from tests.conftest import ASSETS, tiny_params
 
 BASE = BaseParams(seed=7)
@@ -23,26 +30,26 @@ REPEAT = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text
 DISCLAIMER = {"enabled": False, "text": "Not medical advice; see a clinician.", "position": "end", "fraction": 1.0}
 
 
-def fetch_params(source, **kw) -> fetch.FetchParams:
-    return fetch.FetchParams(**{"source": str(source), "revision": None, "subset": None, "split": "train", "columns": COLUMNS,
+def fetch_params(source, **kw) -> FetchParams:
+    return FetchParams(**{"source": str(source), "revision": None, "subset": None, "split": "train", "columns": COLUMNS,
                                 "id_column": "id", "option_columns": [], "fixed_options": [], "answer_key": "letter",
                                 "mix": [], "max_rows": None} | kw)
 
 
-def clean_params(**kw) -> clean.CleanParams:
-    return clean.CleanParams(**{"min_question_chars": 10, "max_question_chars": 2000, "min_answer_chars": 40,
+def clean_params(**kw) -> CleanParams:
+    return CleanParams(**{"min_question_chars": 10, "max_question_chars": 2000, "min_answer_chars": 40,
                                 "max_answer_chars": 4000, "dedupe": True, "near_dup_threshold": 0.9,
                                 "strip_boilerplate": [], "explanation_repeat_regex": REPEAT, "select_longest": None,
                                 "select_field": "explanation", "phi": "keep", "max_drop_frac": 0.5} | kw)
 
 
-def split_params(**kw) -> split.SplitParams:
-    return split.SplitParams(**{"val_frac": 0.2, "test_frac": 0.2, "group_by": ["focus", "url"], "near_dup_threshold": 0.9,
+def split_params(**kw) -> SplitParams:
+    return SplitParams(**{"val_frac": 0.2, "test_frac": 0.2, "group_by": ["focus", "url"], "near_dup_threshold": 0.9,
                                 "test_sources": []} | kw)
 
 
-def format_params(**kw) -> format_stage.FormatParams:
-    return format_stage.FormatParams(**{"template": "chat", "system_prompt": "", "max_answer_tokens": 48, "max_length": 96,
+def format_params(**kw) -> FormatParams:
+    return FormatParams(**{"template": "chat", "system_prompt": "", "max_answer_tokens": 48, "max_length": 96,
                                         "overflow": "drop", "disclaimer": DISCLAIMER} | kw)
 
 
@@ -116,7 +123,7 @@ def test_clean_fails_when_everything_is_dropped(tmp_path, raw_dir):
 
 
 def test_clean_normalises_html_and_whitespace():
-    assert clean.normalise("A &amp; B <b>bold</b>\t\tx \n\n\n\ny") == "A & B bold x\n\ny"
+    assert normalise("A &amp; B <b>bold</b>\t\tx \n\n\n\ny") == "A & B bold x\n\ny"
 
 
 def test_split_is_deterministic_grouped_and_leak_free(tmp_path, clean_dir):
@@ -124,21 +131,21 @@ def test_split_is_deterministic_grouped_and_leak_free(tmp_path, clean_dir):
     a = split.run(p, BASE, clean_dir, tmp_path / "a")
     b = split.run(p, BASE, clean_dir, tmp_path / "b")
     assert a == b and a["train"] + a["val"] + a["test"] == len(read_jsonl(clean_dir / "records.jsonl"))
-    for s in split.SPLITS:
+    for s in SPLITS:
         assert (tmp_path / "a" / f"{s}.jsonl").read_bytes() == (tmp_path / "b" / f"{s}.jsonl").read_bytes()
-    focus = {s: {r["focus"] for r in read_jsonl(tmp_path / "a" / f"{s}.jsonl")} for s in split.SPLITS}
+    focus = {s: {r["focus"] for r in read_jsonl(tmp_path / "a" / f"{s}.jsonl")} for s in SPLITS}
     assert not focus["train"] & focus["test"] and not focus["train"] & focus["val"]
 
 
 def test_split_keeps_same_question_together():
     rows = [{"id": "a", "question": "What is X ?", "focus": "x1"}, {"id": "b", "question": "what is x?", "focus": "x2"},
             {"id": "c", "question": "What is Y?", "focus": "x2"}, {"id": "d", "question": "What is Z?", "focus": "z"}]
-    roots = split.group_rows(rows, ["focus"])
+    roots = group_rows(rows, ["focus"])
     assert roots[0] == roots[1] == roots[2] != roots[3]
 
 
 def test_format_renders_prompt_and_completion_that_training_and_eval_share(tmp_path, clean_dir, tiny_model):
-    from medtune.modeling import ModelParams
+    from medtune.params import ModelParams
 
     split.run(split_params(), BASE, clean_dir, tmp_path / "split")
     m = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
@@ -149,7 +156,7 @@ def test_format_renders_prompt_and_completion_that_training_and_eval_share(tmp_p
     assert row["completion"].endswith("<eos>")
     assert summary["train"]["answers_truncated"] > 0  # 12 tokens is shorter than most answers
     # the prompt carries no BOS text: the tokenizer adds it, exactly once
-    from medtune.modeling import load_tokenizer
+    from medtune.models import load_tokenizer
 
     ids = load_tokenizer(tiny_model, m)(row["prompt"] + row["completion"])["input_ids"]
     assert ids.count(2) == 1 and ids[0] == 2  # <bos> is id 2 in the tiny vocabulary
@@ -179,7 +186,7 @@ def test_cli_reports_every_params_problem_at_once(tmp_path, tiny_model, monkeypa
     (tmp_path / "in").mkdir()
     result = CliRunner().invoke(clean.main, ["--in", "in", "--out", "out", "--metrics", "m.json"])
     assert result.exit_code == 1
-    assert "clean.dedupe: expected bool" in result.output
+    assert "clean.dedupe: input should be a valid boolean" in result.output and "clean.max_drop_frac: input should be less than or equal to 1" in result.output
 
 
 def test_cli_missing_input_file_is_one_line(tmp_path, tiny_model, monkeypatch):
@@ -243,7 +250,7 @@ def test_clean_keeps_the_rows_with_the_longest_field(tmp_path, tiny_rows):
     rows = [{"id": str(i), "question": r["question"], "answer": r["answer"]} for i, r in enumerate(tiny_rows[:20])]
     summary = clean.run(clean_params(select_longest=5, select_field="answer"), write_raw(tmp_path, rows), tmp_path / "clean")
     kept = read_jsonl(tmp_path / "clean" / "records.jsonl")
-    longest = sorted((len(clean.normalise(r["answer"])) for r in rows), reverse=True)[:5]
+    longest = sorted((len(normalise(r["answer"])) for r in rows), reverse=True)[:5]
     assert sorted((len(r["answer"]) for r in kept), reverse=True) == longest and summary["not_selected"] == 15
 
 
@@ -261,8 +268,8 @@ def test_fetch_mix_entry_problems_name_the_entry(tmp_path, tiny_model, monkeypat
     entry = {"source": "x.jsonl", "revision": None, "subset": None, "split": "train", "id_column": None, "columns": {"q": "question"}}
     write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.mix": [entry, {"source": "y.jsonl"}]})
     result = CliRunner().invoke(fetch.main, ["--out", "raw"])
-    assert result.exit_code == 1 and "fetch.mix[0].columns: map question and answer" in result.output
-    assert "fetch.mix[1].revision: missing" in result.output and not (tmp_path / "raw").exists()
+    assert result.exit_code == 1 and "fetch.mix.0.columns: map question and answer" in result.output
+    assert "fetch.mix.1.revision: missing" in result.output and not (tmp_path / "raw").exists()
 
 
 # ---------------------------------------------------------------- split
@@ -283,13 +290,13 @@ def test_split_ratios_are_params_and_groups_never_straddle(tmp_path, sample_clea
     n = summary["train"] + summary["val"] + summary["test"]
     assert n == len(read_jsonl(sample_clean / "records.jsonl")) and summary["leakage_ok"]
     assert abs(summary["test"] / n - test) < 0.05 and abs(summary["val"] / n - val) < 0.05
-    parts = {s: read_jsonl(tmp_path / "split" / f"{s}.jsonl") for s in split.SPLITS}
+    parts = {s: read_jsonl(tmp_path / "split" / f"{s}.jsonl") for s in SPLITS}
     for field in ("focus", "url"):
         assert not {r[field] for r in parts["train"]} & {r[field] for r in parts["test"]}
-    near = split.NearDups(0.9)
+    near = NearDups(0.9)
     for r in parts["train"]:
-        near.add(r["id"], near.sig(r))
-    assert not any(near.matches(near.sig(r)) for r in parts["test"])  # no near-duplicate answer across train/test
+        near.add(r["id"], answer_sig(r))
+    assert not any(near.matches(answer_sig(r)) for r in parts["test"])  # no near-duplicate answer across train/test
 
 
 def test_split_holds_out_whole_sources_and_drops_train_repeats(tmp_path, sample_clean):
@@ -301,7 +308,7 @@ def test_split_holds_out_whole_sources_and_drops_train_repeats(tmp_path, sample_
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + copies))
     summary = split.run(split_params(test_sources=["1_CancerGov_QA", "6_NINDS_QA"]), BASE, tmp_path / "in", tmp_path / "split")
-    parts = {s: read_jsonl(tmp_path / "split" / f"{s}.jsonl") for s in split.SPLITS}
+    parts = {s: read_jsonl(tmp_path / "split" / f"{s}.jsonl") for s in SPLITS}
     assert {r["source"] for r in parts["test"]} == {"1_CancerGov_QA", "6_NINDS_QA"}
     assert summary["test"] == sum(r["source"] in ("1_CancerGov_QA", "6_NINDS_QA") for r in rows)
     kept = {r["id"] for s in ("train", "val") for r in parts[s]}
@@ -317,7 +324,7 @@ def test_split_unknown_test_source_is_named(tmp_path, sample_clean):
 
 def test_split_refuses_to_write_a_leaking_split(tmp_path, sample_clean, monkeypatch):
     """The leakage check is the stage's guarantee, independent of the grouping: break the grouping, it still holds."""
-    monkeypatch.setattr(split, "group_rows", lambda rows, *a: list(range(len(rows))))
+    monkeypatch.setattr(splitting, "group_rows", lambda rows, *a: list(range(len(rows))))
     rows = read_jsonl(sample_clean / "records.jsonl")
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "records.jsonl").write_text(
@@ -337,7 +344,7 @@ def split_dir(tmp_path, clean_dir) -> Path:
 
 
 def tiny_m(tiny_model):
-    from medtune.modeling import ModelParams
+    from medtune.params import ModelParams
 
     return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
 
@@ -345,13 +352,13 @@ def tiny_m(tiny_model):
 def test_format_disclaimer_goes_to_the_chosen_fraction(tmp_path, split_dir, tiny_model):
     d = {"enabled": True, "text": "not medical advice", "position": "start", "fraction": 0.5}
     summary = format_stage.run(format_params(template="qa", disclaimer=d), tiny_m(tiny_model), split_dir, tmp_path / "a")
-    rows = [r for s in split.SPLITS for r in read_jsonl(tmp_path / "a" / f"{s}.jsonl")]
+    rows = [r for s in SPLITS for r in read_jsonl(tmp_path / "a" / f"{s}.jsonl")]
     with_it = [r for r in rows if r["disclaimer"]]
-    assert 0.2 < len(with_it) / len(rows) < 0.8 and sum(summary[s]["with_disclaimer"] for s in split.SPLITS) == len(with_it)
+    assert 0.2 < len(with_it) / len(rows) < 0.8 and sum(summary[s]["with_disclaimer"] for s in SPLITS) == len(with_it)
     assert all(r["completion"].startswith("not medical advice\n\n") for r in with_it)
     assert not any("not medical advice" in r["completion"] for r in rows if not r["disclaimer"])
     format_stage.run(format_params(template="qa", disclaimer=d | {"position": "end"}), tiny_m(tiny_model), split_dir, tmp_path / "b")
-    again = {r["id"]: r for s in split.SPLITS for r in read_jsonl(tmp_path / "b" / f"{s}.jsonl")}
+    again = {r["id"]: r for s in SPLITS for r in read_jsonl(tmp_path / "b" / f"{s}.jsonl")}
     assert all(again[r["id"]]["completion"].endswith("not medical advice<eos>") for r in with_it)  # same rows chosen
 
 
@@ -370,7 +377,7 @@ def test_format_overflow_cut_reproduces_plain_trl_truncation_and_train_accepts_i
     """overflow=cut: long examples are cut at max_length tokens and lose their end token, as a plain trl run
     truncates them (the baseline of a comparison); train accepts exactly those rows without an end token."""
     from medtune.stages import train
-    from medtune.modeling import ModelParams
+    from medtune.params import ModelParams
 
     m, system = tiny_m(tiny_model), " ".join(["answer the question about the condition"] * 5)
     kw = {"system_prompt": system, "template": "qa", "max_answer_tokens": 60, "max_length": 64}
@@ -385,7 +392,7 @@ def test_format_overflow_cut_reproduces_plain_trl_truncation_and_train_accepts_i
     test = read_jsonl(tmp_path / "cut" / "test.jsonl")
     assert test == read_jsonl(tmp_path / "short" / "test.jsonl")  # test prompts and references do not change
 
-    p = train.TrainParams(**(tiny_params(tiny_model)["train"] | {"max_length": 64, "max_steps": 1, "save_steps": 0}))
+    p = TrainParams(**(tiny_params(tiny_model)["train"] | {"max_length": 64, "max_steps": 1, "save_steps": 0}))
     mp = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
     metrics = train.run(p, mp, BaseParams(seed=3), tmp_path / "cut", tmp_path / "adapter", tmp_path / "curves", tmp_path / "ckpt")
     assert metrics["steps"] == 1 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
@@ -402,7 +409,7 @@ def test_format_params_check_the_disclaimer_mapping(tmp_path, tiny_model, monkey
     write_params(tmp_path / "params.yaml", tiny_model, **{"format.disclaimer": {"enabled": True, "text": "x", "position": "middle"}})
     (tmp_path / "in").mkdir()
     result = CliRunner().invoke(format_stage.main, ["--in", "in", "--out", "out", "--metrics", "m.json"])
-    assert result.exit_code == 1 and "format.disclaimer.position: expected one of 'end', 'start'" in result.output
+    assert result.exit_code == 1 and "format.disclaimer.position: input should be 'end' or 'start'" in result.output
     assert "format.disclaimer.fraction: missing" in result.output
 
 
@@ -411,7 +418,7 @@ def test_clean_strips_boilerplate_by_regex(tmp_path, tiny_rows):
     clean.run(clean_params(strip_boilerplate=[r"^Key Points -\s*"], near_dup_threshold=None), write_raw(tmp_path, rows), tmp_path / "clean")
     out = read_jsonl(tmp_path / "clean" / "records.jsonl")
     assert out and all(not r["answer"].startswith("Key Points") for r in out)
-    assert {r["answer"] for r in out} <= {clean.normalise(r["answer"]) for r in tiny_rows[:10]}
+    assert {r["answer"] for r in out} <= {normalise(r["answer"]) for r in tiny_rows[:10]}
 
 
 def test_fetch_non_utf8_names_the_line(tmp_path, tiny_rows):
@@ -427,7 +434,7 @@ def test_format_multi_turn_needs_chat_or_qa(tmp_path, tiny_model):
     turns = [{"role": "user", "content": "What is glaucoma?"}, {"role": "assistant", "content": "An eye disease."},
              {"role": "user", "content": "How is it treated?"}, {"role": "assistant", "content": "With eye drops or surgery."}]
     (tmp_path / "split").mkdir()
-    for s in split.SPLITS:
+    for s in SPLITS:
         (tmp_path / "split" / f"{s}.jsonl").write_text(json.dumps({"id": s, "question": "How is it treated?",
                                                                     "answer": "With eye drops or surgery.", "messages": turns}) + "\n")
     format_stage.run(format_params(template="qa"), tiny_m(tiny_model), tmp_path / "split", tmp_path / "qa")
@@ -466,7 +473,7 @@ def test_report_counts_phi_left_in_the_training_data(tmp_path, tiny_rows, tiny_m
     f = format_stage.run(format_params(max_answer_tokens=80, max_length=128), tiny_m(tiny_model), tmp_path / "split", tmp_path / "fmt")
     for name, obj in (("clean", c), ("split", s), ("format", f)):
         (tmp_path / f"{name}.json").write_text(json.dumps(obj))
-    key, details, md = report.run(report.ReportParams(n_examples=3), format_params(max_answer_tokens=80, max_length=128),
+    key, details, md = report.run(ReportParams(n_examples=3), format_params(max_answer_tokens=80, max_length=128),
                                   tiny_m(tiny_model), tmp_path / "raw", tmp_path / "clean.json", tmp_path / "split.json",
                                   tmp_path / "format.json", tmp_path / "fmt")
     assert c["phi"] == {"phone": c["phi_rows"]} and c["phi_rows"] >= 25

@@ -13,8 +13,9 @@ from medtune.stages import clean
 from medtune.stages import fetch
 from medtune.stages import format as format_stage
 from medtune.stages import split
-from medtune.common import BaseParams
-from medtune.modeling import ModelParams
+from medtune.params import BaseParams
+from medtune.params import ModelParams
+from medtune.params import CleanParams, FetchParams, FormatParams, SplitParams
 from tests.conftest import ASSETS, REPO, tiny_params
 
 
@@ -23,10 +24,10 @@ def test_train_under_accelerate_launch_with_two_cpu_processes_saves_one_adapter(
     p["train"].update(target_modules=["q_proj", "v_proj"], max_steps=4, batch_size=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     base = BaseParams(**p["base"])
-    fetch.run(fetch.FetchParams(**(p["fetch"] | {"source": str(ASSETS / "medquad_tiny.jsonl")})), base, tmp_path / "raw")
-    clean.run(clean.CleanParams(**p["clean"]), tmp_path / "raw", tmp_path / "clean")
-    split.run(split.SplitParams(**p["split"]), base, tmp_path / "clean", tmp_path / "split")
-    format_stage.run(format_stage.FormatParams(**p["format"]), ModelParams(**p["model"]), tmp_path / "split", tmp_path / "fmt")
+    fetch.run(FetchParams(**(p["fetch"] | {"source": str(ASSETS / "medquad_tiny.jsonl")})), base, tmp_path / "raw")
+    clean.run(CleanParams(**p["clean"]), tmp_path / "raw", tmp_path / "clean")
+    split.run(SplitParams(**p["split"]), base, tmp_path / "clean", tmp_path / "split")
+    format_stage.run(FormatParams(**p["format"]), ModelParams(**p["model"]), tmp_path / "split", tmp_path / "fmt")
 
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu2.yaml"),

@@ -20,10 +20,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from medtune import experiments
 from medtune.tools import compare
 from medtune.tools import validate
 from medtune.tools import recipe as recipe_cli
-from medtune.common import read_jsonl
+from medtune.io import read_jsonl
 from tests.conftest import ASSETS, REPO, tiny_params
 from tests.test_pipeline import dvc
 
@@ -99,20 +100,47 @@ def write_params(path: Path, **sections) -> None:
     path.write_text(yaml.safe_dump(params))
 
 
-def test_compare_errors_name_the_file(tmp_path, monkeypatch):
+def git_dvc_repo(tmp_path, monkeypatch) -> None:
+    """A git + DVC repository in tmp_path (the working directory), with the project's params and pipeline."""
     monkeypatch.chdir(tmp_path)
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"], ["git", "config", "user.name", "t"],
+                ["dvc", "init", "-q"]):
+        subprocess.run(cmd, check=True)
     write_params(tmp_path / "params.yaml")
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
-    (tmp_path / "exps.json").write_text('[{"rev": "workspace",\n "data": }]')
-    result = CliRunner().invoke(compare.main, ["--exps", "exps.json", "--out", "out"])
-    assert result.exit_code == 1 and "exps.json:2: malformed JSON" in result.output
-    (tmp_path / "exps.json").write_text(json.dumps([{"rev": "workspace", "name": None, "data": {"metrics": {}}, "error": None}]))
-    result = CliRunner().invoke(compare.main, ["--exps", "exps.json", "--out", "out"])
-    assert result.exit_code == 1 and "exps.json: no finished run with evaluation metrics" in result.output
+
+
+def commit_run(name: str, files: dict[str, object], params: dict | None = None) -> str:
+    """Write a run's files (JSON, or JSON lines for a list), commit them as DVC commits a run; its sha."""
+    if params is not None:
+        write_params(Path("params.yaml"), **params)
+    for path, data in files.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in data) if isinstance(data, list) else json.dumps(data))
+    subprocess.run(["git", "add", "-A"], check=True)
+    subprocess.run(["git", "commit", "-qm", name], check=True)
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def shown(monkeypatch, rows: list[dict]) -> None:
+    """`dvc exp show`'s rows (dvc.api.exp_show's shape) for runs committed by commit_run."""
+    monkeypatch.setattr(experiments, "exp_rows", lambda repo: [{"Experiment": None, "State": None} | r for r in rows])
+
+
+def test_compare_errors_name_what_is_missing(tmp_path, monkeypatch):
+    git_dvc_repo(tmp_path, monkeypatch)
+    rev = commit_run("no metrics", {"metrics/train.json": {"tokens_per_s": 1.0, "peak_memory_mb": 1.0}})
+    shown(monkeypatch, [{"rev": "workspace"}, {"rev": rev, "Experiment": "bare"}, {"rev": "f" * 40, "State": "Failed"}])
+    result = CliRunner().invoke(compare.main, ["--out", "out"])
+    assert result.exit_code == 1 and "no finished run with evaluation metrics" in result.output
     assert not (tmp_path / "out").exists()  # nothing half-written
-    write_params(tmp_path / "params.yaml", compare={"metric": "rougeLsum", "seed_noise_sigmas": 2.0})
-    result = CliRunner().invoke(compare.main, ["--exps", "exps.json", "--out", "out"])
-    assert result.exit_code == 1 and "compare.metric: expected one of" in result.output
+    result = CliRunner().invoke(compare.main, ["--out", "out", "--metric", "rougeLsum"])
+    assert result.exit_code == 2 and "'rougeLsum' is not one of 'rouge1', 'rouge2', 'rougeL', 'token_f1'" in result.output
+    commit_run("broken", {"metrics/eval_base.json": {"n": 1}, "metrics/eval_tuned.json": "{", "metrics/train.json": {}})
+    Path("metrics/eval_tuned.json").write_text("{")
+    shown(monkeypatch, [{"rev": "workspace"}])
+    result = CliRunner().invoke(compare.main, ["--out", "out"])
+    assert result.exit_code == 1 and "metrics/eval_tuned.json of run workspace" in result.output and "malformed" in result.output
 
 
 # ---------------------------------------------------------------- recipes
@@ -209,40 +237,29 @@ def test_cpu_sized_recipe_runs_through_data_stages_and_two_train_steps(name, tin
 
 
 def test_compare_groups_base_models_and_seeds(tmp_path, monkeypatch):
-    """Two base models, a learning-rate pair on one and two seeds on the other, and a failed run, in the shape of
-    `dvc exp show --json` with each run's metrics files committed (as DVC commits them)."""
-    monkeypatch.chdir(tmp_path)
-    for cmd in (["init", "-q"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"]):
-        subprocess.run(["git", *cmd], check=True)
-    write_params(tmp_path / "params.yaml")
-    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    """Two base models, a learning-rate pair on one and two seeds on the other, and a failed run, each run's
+    metrics files committed (as DVC commits them) and listed as `dvc exp show` lists them."""
+    git_dvc_repo(tmp_path, monkeypatch)
 
     def run(name, base, lr, seed, tuned, delta, delta_ci):
-        metrics = {"metrics/eval_base.json": {"n": 50, "rougeL": round(tuned - delta, 4), "rougeL_ci": [0.05, 0.15]},
-                   "metrics/eval_tuned.json": {"n": 50, "rougeL": tuned, "rougeL_ci": [tuned - 0.03, tuned + 0.03],
-                                               "delta_rougeL": delta, "delta_rougeL_ci": delta_ci},
-                   "metrics/train.json": {"tokens_per_s": 100.0, "peak_memory_mb": 2000.0}}
-        for path, data in metrics.items():
-            Path(path).parent.mkdir(exist_ok=True)
-            Path(path).write_text(json.dumps(data))
-        subprocess.run(["git", "add", "-A"], check=True)
-        subprocess.run(["git", "commit", "-qm", name], check=True)
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        params = {"base": {"seed": seed}, "model": {"base": base, "revision": "r1"}, "train": {"learning_rate": lr},
-                  "check": {"min_delta": seed}}  # not a stage's param: not compared
-        shown = {k: {"data": {m: v for m, v in d.items() if not isinstance(v, list)}} for k, d in metrics.items()}
-        return {"rev": rev, "name": name, "data": {"rev": rev, "params": {"params.yaml": {"data": params}}, "metrics": shown}}
+        params = {"base": {"seed": seed}, "model": {"base": base, "revision": "r1", "chat_template": "gemma3_base",
+                                                    "trust_remote_code": False},
+                  "train": yaml.safe_load((REPO / "params.yaml").read_text())["train"] | {"learning_rate": lr}}
+        files = {"metrics/eval_base.json": {"n": 50, "rougeL": round(tuned - delta, 4), "rougeL_ci": [0.05, 0.15]},
+                 "metrics/eval_tuned.json": {"n": 50, "rougeL": tuned, "rougeL_ci": [tuned - 0.03, tuned + 0.03],
+                                             "delta_rougeL": delta, "delta_rougeL_ci": delta_ci},
+                 "metrics/train.json": {"tokens_per_s": 100.0, "peak_memory_mb": 2000.0}}
+        return {"rev": commit_run(name, files, params), "Experiment": None if name == "main" else name}
 
-    head = run("main", "org/model-a", 1e-4, 1, 0.30, 0.10, [0.05, 0.15])
-    exps = [run("a-lr2", "org/model-a", 2e-4, 1, 0.28, 0.02, [-0.01, 0.05]),
+    rows = [run("main", "org/model-a", 1e-4, 1, 0.30, 0.10, [0.05, 0.15]),
+            run("a-lr2", "org/model-a", 2e-4, 1, 0.28, 0.02, [-0.01, 0.05]),
             run("b-s1", "org/model-b", 1e-4, 1, 0.40, 0.20, [0.15, 0.25]),
             run("b-s2", "org/model-b", 1e-4, 2, 0.42, 0.22, [0.17, 0.27]),
-            {"rev": "f" * 40, "name": "broken", "data": {"metrics": {}}, "error": {"msg": "failed to reproduce 'train'"}}]
-    shown = [{"rev": "workspace", "name": None, "data": {"metrics": {}}, "error": None},
-             head | {"experiments": [{"revs": [e], "name": e["name"], "executor": None} for e in exps]}]
-    Path("exps.json").write_text(json.dumps(shown))
+            {"rev": "f" * 40, "Experiment": "broken", "State": "Failed"}]
+    rows[0]["Experiment"] = "main"
+    shown(monkeypatch, rows)
 
-    result = CliRunner().invoke(compare.main, ["--exps", "exps.json", "--out", "out"])
+    result = CliRunner().invoke(compare.main, ["--out", "out"])
     assert result.exit_code == 0, result.output
     rows = {r["run"]: r for r in csv.DictReader(Path("out/compare.csv").open())}
     assert list(rows) == ["main", "a-lr2", "b-s1, b-s2"]  # by base model, best tuned first
@@ -262,40 +279,27 @@ def test_a_base_only_experiment_is_no_row_but_can_be_the_reference(tmp_path, mon
     """`dvc exp run -S format.template=qa evaluate_base` commits the tuned metrics and answers of the commit it
     started from: compare leaves it out of the table (its tuned - delta is not its base score), and
     --reference-predictions compares every fine-tune with its base model's answers, question by question."""
-    monkeypatch.chdir(tmp_path)
-    for cmd in (["init", "-q"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"]):
-        subprocess.run(["git", *cmd], check=True)
-    write_params(tmp_path / "params.yaml")
-    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    git_dvc_repo(tmp_path, monkeypatch)
     ids = ["q1", "q2", "q3", "q4"]
 
     def commit(name, template, base_scores, tuned_scores, stale_tuned=None):
         base, tuned = sum(base_scores) / 4, sum(tuned_scores) / 4
+        fmt = yaml.safe_load((REPO / "params.yaml").read_text())["format"] | {"template": template}
         files = {"metrics/eval_base.json": {"n": 4, "rougeL": base, "rougeL_ci": [base - 0.05, base + 0.05]},
                  "metrics/eval_tuned.json": stale_tuned or {"n": 4, "rougeL": tuned, "rougeL_ci": [tuned - 0.05, tuned + 0.05],
                                                             "delta_rougeL": round(tuned - base, 4), "delta_rougeL_ci": [0.0, 0.2]},
-                 "metrics/train.json": {"tokens_per_s": 100.0, "peak_memory_mb": 2000.0}}
-        for path, data in files.items():
-            Path(path).parent.mkdir(exist_ok=True)
-            Path(path).write_text(json.dumps(data))
-        for folder, scores in (("eval/base", base_scores), ("eval/tuned", tuned_scores)):
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            Path(folder, "predictions.jsonl").write_text("".join(json.dumps({"id": i, "rougeL": s}) + "\n" for i, s in zip(ids, scores)))
-        subprocess.run(["git", "add", "-A"], check=True)
-        subprocess.run(["git", "commit", "-qm", name], check=True)
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        params = {"base": {"seed": 1}, "model": {"base": "org/m", "revision": "r1"}, "format": {"template": template}}
-        shown = {k: {"data": {m: v for m, v in d.items() if not isinstance(v, list)}} for k, d in files.items()}
-        return {"rev": rev, "name": name, "data": {"rev": rev, "params": {"params.yaml": {"data": params}}, "metrics": shown}}
+                 "metrics/train.json": {"tokens_per_s": 100.0, "peak_memory_mb": 2000.0},
+                 "eval/base/predictions.jsonl": [{"id": i, "rougeL": s} for i, s in zip(ids, base_scores)],
+                 "eval/tuned/predictions.jsonl": [{"id": i, "rougeL": s} for i, s in zip(ids, tuned_scores)]}
+        return {"rev": commit_run(name, files, {"format": fmt}), "Experiment": name}
 
     tuned = commit("tuned", "chat", [0.10, 0.10, 0.10, 0.10], [0.20, 0.30, 0.20, 0.30])
     # only evaluate_base ran: the tuned metrics and answers are still the tuned run's
     base_qa = commit("base-qa", "qa", [0.15, 0.15, 0.25, 0.25], [0.20, 0.30, 0.20, 0.30],
                      stale_tuned=json.loads(Path("metrics/eval_tuned.json").read_text()))
-    shown = [tuned | {"experiments": [{"revs": [base_qa], "name": "base-qa", "executor": None}]}]
-    Path("exps.json").write_text(json.dumps(shown))
+    shown(monkeypatch, [tuned, base_qa])
 
-    args = ["--exps", "exps.json", "--out", "out", "--reference", "base-qa", "--reference-predictions", "eval/base/predictions.jsonl"]
+    args = ["--out", "out", "--reference", "base-qa", "--reference-predictions", "eval/base/predictions.jsonl"]
     result = CliRunner().invoke(compare.main, args)
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(Path("out/compare.csv").open()))

@@ -21,8 +21,16 @@ from medtune.stages import format as format_stage
 from medtune.stages import merge
 from medtune.stages import split
 from medtune.stages import train
-from medtune.common import BaseParams, MedtuneError, read_jsonl
-from medtune.modeling import ModelParams
+from medtune.params import BaseParams
+from medtune.console import MedtuneError
+from medtune.io import read_jsonl
+from medtune.params import ModelParams
+from medtune import choice
+from medtune.choice import choice_inputs, choice_prompt, choice_scores, content_free_items, option_logprobs, read_choice_test, score_choices
+from medtune.metrics import parse_choice, repetition, token_f1
+from medtune.params import CleanParams, EvaluateParams, FetchParams, FormatParams, MergeParams, SplitParams, TrainParams
+from medtune.prompts import render
+from medtune.training import lora_config, sft_config
 from tests.conftest import ASSETS, tiny_params
 
 BASE = BaseParams(seed=3)
@@ -35,10 +43,10 @@ def section(cls, tiny_model, name, **kw):
 @pytest.fixture(scope="module")
 def formatted(tmp_path_factory, tiny_model) -> Path:
     d = tmp_path_factory.mktemp("data")
-    fetch.run(section(fetch.FetchParams, tiny_model, "fetch", source=str(ASSETS / "medquad_tiny.jsonl")), BASE, d / "raw")
-    clean.run(section(clean.CleanParams, tiny_model, "clean"), d / "raw", d / "clean")
-    split.run(section(split.SplitParams, tiny_model, "split"), BASE, d / "clean", d / "split")
-    format_stage.run(section(format_stage.FormatParams, tiny_model, "format"), model_params(tiny_model), d / "split", d / "fmt")
+    fetch.run(section(FetchParams, tiny_model, "fetch", source=str(ASSETS / "medquad_tiny.jsonl")), BASE, d / "raw")
+    clean.run(section(CleanParams, tiny_model, "clean"), d / "raw", d / "clean")
+    split.run(section(SplitParams, tiny_model, "split"), BASE, d / "clean", d / "split")
+    format_stage.run(section(FormatParams, tiny_model, "format"), model_params(tiny_model), d / "split", d / "fmt")
     return d / "fmt"
 
 
@@ -46,8 +54,8 @@ def model_params(tiny_model) -> ModelParams:
     return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
 
 
-def train_params(tiny_model, **kw) -> train.TrainParams:
-    return section(train.TrainParams, tiny_model, "train", **({"target_modules": ("q_proj", "v_proj")} | kw))
+def train_params(tiny_model, **kw) -> TrainParams:
+    return section(TrainParams, tiny_model, "train", **({"target_modules": ("q_proj", "v_proj")} | kw))
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +125,7 @@ def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_model, forma
 
 
 def test_train_rejects_8bit_optimiser_without_cuda(tmp_path, tiny_model, formatted):
-    from medtune.common import MedtuneError
+    from medtune.console import MedtuneError
 
     with pytest.raises(MedtuneError, match="adamw_torch"):
         train.run(train_params(tiny_model, optim="adamw_8bit"), model_params(tiny_model), BASE, formatted,
@@ -179,11 +187,11 @@ def test_lm_head_tile_sets_trls_tile_width_for_training_and_restores_it(tmp_path
 
 
 def test_lm_head_tile_below_16_is_a_params_error(tiny_model):
-    from medtune.common import parse_section
+    from medtune.strict import section_problems
 
     section = tiny_params(tiny_model)["train"] | {"lm_head_tile": 8}
-    assert parse_section(section, "train", train.TrainParams) == (None, [
-        "train.lm_head_tile: must be >= 16 vocabulary entries, or null for trl's own width (got 8)"])
+    assert section_problems(section, "train", TrainParams, {("train", "lm_head_tile"): 7}, "params.yaml") == (None, [
+        "params.yaml:7: train.lm_head_tile: input should be greater than or equal to 16 (got 8)"])
 
 
 def test_train_refuses_liger_kernels_with_torch_compile_before_loading_anything(tmp_path, tiny_model, formatted):
@@ -195,7 +203,7 @@ def test_train_refuses_liger_kernels_with_torch_compile_before_loading_anything(
 
 def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained, tiny_model, formatted):
     d, _ = trained
-    p = section(evaluate.EvaluateParams, tiny_model, "evaluate")
+    p = section(EvaluateParams, tiny_model, "evaluate")
     base = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "base")
     tuned = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "tuned", adapter=d / "adapter",
                          baseline=tmp_path / "base" / "predictions.jsonl")
@@ -217,14 +225,14 @@ def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained,
 
 
 def test_rouge_and_token_f1_score_real_text():
-    assert evaluate.token_f1("The cause is unknown.", "the cause is unknown") == 1.0
-    assert evaluate.token_f1("fever", "headache") == 0.0
-    assert evaluate.repetition("a b c a b c a b c a b c") > 0.5 > evaluate.repetition("one two three four five six")
+    assert token_f1("The cause is unknown.", "the cause is unknown") == 1.0
+    assert token_f1("fever", "headache") == 0.0
+    assert repetition("a b c a b c a b c a b c") > 0.5 > repetition("one two three four five six")
 
 
 def test_merge_matches_base_plus_adapter(tmp_path, trained, tiny_model, formatted):
     d, _ = trained
-    p = section(merge.MergeParams, tiny_model, "merge")
+    p = section(MergeParams, tiny_model, "merge")
     metrics = merge.run(p, model_params(tiny_model), d / "adapter", formatted, tmp_path / "merged")
     assert metrics["passed"] and metrics["greedy_answers_identical"] and metrics["max_abs_logit_diff"] <= p.atol
     assert (tmp_path / "merged" / "model.safetensors").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
@@ -232,10 +240,10 @@ def test_merge_matches_base_plus_adapter(tmp_path, trained, tiny_model, formatte
 
 
 def test_merge_fails_on_an_impossible_tolerance_and_writes_nothing(tmp_path, trained, tiny_model, formatted):
-    from medtune.common import MedtuneError
+    from medtune.console import MedtuneError
 
     d, _ = trained
-    p = section(merge.MergeParams, tiny_model, "merge", dtype="bfloat16", atol=1e-9)
+    p = section(MergeParams, tiny_model, "merge", dtype="bfloat16", atol=1e-9)
     with pytest.raises(MedtuneError, match="merge check failed"):
         merge.run(p, model_params(tiny_model), d / "adapter", formatted, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
@@ -261,15 +269,15 @@ def test_loss_is_on_answer_tokens_only_and_the_end_of_turn_token_is_trained(tiny
     from trl import SFTTrainer
     from transformers import AutoModelForCausalLM
 
-    from medtune.modeling import end_of_turn, load_tokenizer
+    from medtune.models import end_of_turn, load_tokenizer
 
     m = model_params(tiny_model)
     tok = load_tokenizer(tiny_model, m)
     row = read_jsonl(formatted / "train.jsonl")[0]
     p = train_params(tiny_model)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=train.sft_config(p, 0, tmp_path, end_of_turn(tok), False),
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=sft_config(p, 0, tmp_path, end_of_turn(tok), False),
                          train_dataset=datasets.Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]}]),
-                         processing_class=tok, peft_config=train.lora_config(p))
+                         processing_class=tok, peft_config=lora_config(p))
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     n_prompt = len(tok(row["prompt"])["input_ids"])
@@ -281,7 +289,7 @@ def test_loss_is_on_answer_tokens_only_and_the_end_of_turn_token_is_trained(tiny
 
 def test_evaluate_reports_test_loss_medical_answer_checks_and_skips_bertscore_without_a_scorer(tmp_path, trained, tiny_model, formatted):
     d, _ = trained
-    p = section(evaluate.EvaluateParams, tiny_model, "evaluate", bertscore_model="/no/such/scorer")
+    p = section(EvaluateParams, tiny_model, "evaluate", bertscore_model="/no/such/scorer")
     first = read_jsonl(formatted / "test.jsonl")[0]["reference"]
     m = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "base", disclaimer=first[:40])
     assert m["test_loss"] > 0 and m["test_perplexity"] == pytest.approx(math.exp(m["test_loss"]), rel=1e-3)
@@ -293,7 +301,7 @@ def test_evaluate_reports_test_loss_medical_answer_checks_and_skips_bertscore_wi
 
 
 def test_evaluate_computes_bertscore_with_an_offline_scorer(tmp_path, tiny_model, formatted):
-    p = section(evaluate.EvaluateParams, tiny_model, "evaluate", bertscore_model=str(tiny_model))
+    p = section(EvaluateParams, tiny_model, "evaluate", bertscore_model=str(tiny_model))
     m = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "base")
     lo, hi = m["bertscore_f1_ci"]
     assert "bertscore_note" not in m and -1 <= lo <= m["bertscore_f1"] <= hi <= 1
@@ -302,15 +310,15 @@ def test_evaluate_computes_bertscore_with_an_offline_scorer(tmp_path, tiny_model
 
 def test_multiple_choice_accuracy_parses_the_chosen_option_and_counts_unparseable_as_wrong(tmp_path, tiny_model, formatted):
     options = {"A": "fever", "B": "headache", "C": "rash", "D": "cough"}
-    assert evaluate.parse_choice("Answer: B. headache", options) == "B"
-    assert evaluate.parse_choice("(C) rash, because ...", options) == "C"
-    assert evaluate.parse_choice("It is most likely a cough.", options) == "D"
-    assert evaluate.parse_choice("a fever or a rash", options) is None  # two options named: unparseable
+    assert parse_choice("Answer: B. headache", options) == "B"
+    assert parse_choice("(C) rash, because ...", options) == "C"
+    assert parse_choice("It is most likely a cough.", options) == "D"
+    assert parse_choice("a fever or a rash", options) is None  # two options named: unparseable
     data = tmp_path / "mcq"
     data.mkdir()
     rows = read_jsonl(formatted / "test.jsonl")
     (data / "test.jsonl").write_text("".join(json.dumps(r | {"options": options, "correct": "B"}) + "\n" for r in rows))
-    p = section(evaluate.EvaluateParams, tiny_model, "evaluate")
+    p = section(EvaluateParams, tiny_model, "evaluate")
     m = evaluate.run(p, model_params(tiny_model), BASE, data, tmp_path / "out")
     preds = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert m["mcq_n"] == len(preds) == 4
@@ -322,7 +330,7 @@ def test_merge_shards_large_weights_and_the_sharded_model_loads(tmp_path, traine
     from transformers import AutoModelForCausalLM
 
     d, _ = trained
-    p = section(merge.MergeParams, tiny_model, "merge", max_shard_size="20KB")
+    p = section(MergeParams, tiny_model, "merge", max_shard_size="20KB")
     metrics = merge.run(p, model_params(tiny_model), d / "adapter", formatted, tmp_path / "merged")
     assert metrics["passed"] and metrics["weight_files"] > 1
     assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
@@ -352,21 +360,25 @@ def test_auto_find_batch_size_trains_and_reports_the_batch_used(tmp_path, tiny_m
 
 
 def test_train_params_reject_best_model_without_periodic_evaluation(tiny_model):
-    p = train_params(tiny_model, load_best_model=True, eval_steps=0)
-    assert any("load_best_model" in x for x in p.problems())
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="load_best_model: needs eval_steps > 0"):
+        train_params(tiny_model, load_best_model=True, eval_steps=0)
 
 
 def test_train_stops_before_loading_the_model_when_an_example_exceeds_max_length(tmp_path, tiny_model, formatted):
-    from medtune.common import MedtuneError
+    from medtune.console import MedtuneError
 
+    # below the params' floor of 64, so built without validation: the tiny fixture's examples are all shorter than 64
+    short = TrainParams.model_construct(**(train_params(tiny_model).model_dump() | {"max_length": 16}))
     with pytest.raises(MedtuneError, match=r"train\.jsonl line \d+ .*train\.max_length=16"):
-        train.run(train_params(tiny_model, max_length=16), model_params(tiny_model), BASE, formatted, tmp_path / "a", tmp_path / "c", tmp_path / "k")
+        train.run(short, model_params(tiny_model), BASE, formatted, tmp_path / "a", tmp_path / "c", tmp_path / "k")
     assert not (tmp_path / "a").exists()
 
 
 def test_train_refuses_answers_that_do_not_end_with_a_stop_token(tmp_path, tiny_model, formatted):
     """A template mistake (answers without the end-of-turn token) would train a model that never stops."""
-    from medtune.common import MedtuneError
+    from medtune.console import MedtuneError
 
     bad = tmp_path / "fmt"
     bad.mkdir()
@@ -451,12 +463,12 @@ def choice_file(tmp_path_factory, tiny_rows) -> Path:
 
 
 def fmt_params(tiny_model, **kw):
-    return section(format_stage.FormatParams, tiny_model, "format", **kw)
+    return section(FormatParams, tiny_model, "format", **kw)
 
 
 def test_choice_test_scores_each_option_and_the_tuned_run_has_the_paired_delta(tmp_path, trained, tiny_model, formatted, choice_file):
     d, _ = trained
-    p = section(evaluate.EvaluateParams, tiny_model, "evaluate")  # choice_max_examples=3
+    p = section(EvaluateParams, tiny_model, "evaluate")  # choice_max_examples=3
     args = (model_params(tiny_model), BASE, formatted)
     kw = {"choice_test": choice_file, "fmt": fmt_params(tiny_model)}
     base = evaluate.run(p, *args, tmp_path / "base", **kw)
@@ -506,7 +518,7 @@ def test_choice_test_scores_each_option_and_the_tuned_run_has_the_paired_delta(t
         evaluate.run(p, *args, tmp_path / "tuned_old", adapter=d / "adapter", baseline=old / "predictions.jsonl", **kw)
     assert not (tmp_path / "tuned_old").exists()
 
-    every = section(evaluate.EvaluateParams, tiny_model, "evaluate", choice_max_examples=0)
+    every = section(EvaluateParams, tiny_model, "evaluate", choice_max_examples=0)
     with pytest.raises(MedtuneError, match=r"choice_predictions\.jsonl: lacks 3 of the 6 choice-test ids .*re-run evaluate_base"):
         evaluate.run(every, *args, tmp_path / "tuned2", adapter=d / "adapter", baseline=tmp_path / "base" / "predictions.jsonl", **kw)
     assert not (tmp_path / "tuned2").exists()
@@ -515,18 +527,18 @@ def test_choice_test_scores_each_option_and_the_tuned_run_has_the_paired_delta(t
 
 def test_batched_padded_option_scores_equal_one_sequence_at_a_time(tiny_model, choice_file):
     """Left padding, deduplicated inputs and logits kept for the last positions only must not shift an offset."""
-    from medtune.modeling import load_model, load_tokenizer
+    from medtune.models import load_model, load_tokenizer
 
     m = model_params(tiny_model)
     tok, model = load_tokenizer(tiny_model, m), load_model(tiny_model, m).eval()
     for fmt in (fmt_params(tiny_model), fmt_params(tiny_model, template="alpaca", system_prompt="Answer briefly .")):
-        items = evaluate.read_choice_test(choice_file)
-        inputs = evaluate.choice_inputs(tok, fmt, items)
+        items = read_choice_test(choice_file)
+        inputs = choice_inputs(tok, fmt, items)
         assert len({len(x) for x in inputs}) > 4 and {len(t) for v in inputs.values() for _, _, t in v} == {1, 2}
-        batched = evaluate.option_logprobs(model, tok, items, inputs, batch_size=4)
+        batched = option_logprobs(model, tok, items, inputs, batch_size=4)
         for it, scores in zip(items, batched):
-            prompt = evaluate.choice_prompt(tok, fmt, it)
-            assert prompt == format_stage.render(tok, fmt, {"id": it["id"], "question": prompt_question(it)})[0]
+            prompt = choice_prompt(tok, fmt, it)
+            assert prompt == render(tok, fmt, {"id": it["id"], "question": prompt_question(it)})[0]
             n = len(tok(prompt)["input_ids"])
             for option, got in zip(it["options"], scores):
                 ids = tok(prompt + option, return_tensors="pt")["input_ids"]
@@ -538,7 +550,7 @@ def test_batched_padded_option_scores_equal_one_sequence_at_a_time(tiny_model, c
 
 def test_calibrated_scores_equal_logp_after_the_prompt_minus_logp_after_the_content_free_prompt(tiny_model, choice_file):
     """One sequence at a time, with the content-free prompt spelled out: no context, "N/A", the same answer line."""
-    from medtune.modeling import load_model, load_tokenizer
+    from medtune.models import load_model, load_tokenizer
 
     m = model_params(tiny_model)
     tok, model = load_tokenizer(tiny_model, m), load_model(tiny_model, m).eval()
@@ -551,19 +563,19 @@ def test_calibrated_scores_equal_logp_after_the_prompt_minus_logp_after_the_cont
         return sum(float(lp[k - 1, ids[0, k]]) for k in range(n, ids.shape[1]))
 
     fmt = fmt_params(tiny_model)
-    items = evaluate.read_choice_test(choice_file)
-    free = evaluate.content_free_items(items)
+    items = read_choice_test(choice_file)
+    free = content_free_items(items)
     assert [f["options"] for f in free] == [items[0]["options"], items[1]["options"], items[2]["options"]]  # one per list
-    inputs = evaluate.choice_inputs(tok, fmt, items + free)
-    raw, prior = evaluate.choice_scores(model, tok, items, inputs, batch_size=4)
+    inputs = choice_inputs(tok, fmt, items + free)
+    raw, prior = choice_scores(model, tok, items, inputs, batch_size=4)
     for it, lp, lp0 in zip(items, raw, prior):
-        prompt = evaluate.choice_prompt(tok, fmt, it)
+        prompt = choice_prompt(tok, fmt, it)
         opts = it["options"]
-        free_prompt = format_stage.render(tok, fmt, {"id": "x", "question": f"N/A\nAnswer {', '.join(opts[:-1])} or {opts[-1]}."})[0]
+        free_prompt = render(tok, fmt, {"id": "x", "question": f"N/A\nAnswer {', '.join(opts[:-1])} or {opts[-1]}."})[0]
         for option, got, got0 in zip(opts, lp, lp0):
             want = logp(prompt, option) - logp(free_prompt, option)
             assert got - got0 == pytest.approx(want, abs=1e-4), (it["id"], option)
-    rows = evaluate.score_choices(model, tok, items, inputs, section(evaluate.EvaluateParams, tiny_model, "evaluate"))
+    rows = score_choices(model, tok, items, inputs, section(EvaluateParams, tiny_model, "evaluate"))
     for r, it, lp, lp0 in zip(rows, items, raw, prior):
         assert r["calibrated_choice"] == it["options"][max(range(len(lp)), key=lambda j: lp[j] - lp0[j])]
 
@@ -590,7 +602,7 @@ def test_a_malformed_choice_test_names_the_file_and_line_and_writes_nothing(tmp_
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(MedtuneError, match=error):
-        evaluate.run(section(evaluate.EvaluateParams, tiny_model, "evaluate"), model_params(tiny_model), BASE, formatted,
+        evaluate.run(section(EvaluateParams, tiny_model, "evaluate"), model_params(tiny_model), BASE, formatted,
                      tmp_path / "out", choice_test=bad, fmt=fmt_params(tiny_model))
     assert not (tmp_path / "out").exists()
 
@@ -606,9 +618,9 @@ def test_evaluate_cli_reports_a_malformed_choice_test_in_one_line(tmp_path, tiny
 
 
 def test_an_option_whose_tokens_merge_with_the_prompt_is_refused(tiny_model, choice_file, monkeypatch):
-    from medtune.modeling import load_tokenizer
+    from medtune.models import load_tokenizer
 
-    monkeypatch.setattr(evaluate, "choice_prompt", lambda tok, fmt, item: "is it")  # "is it" + "rare" = "is itrare"
+    monkeypatch.setattr(choice, "choice_prompt", lambda tok, fmt, item: "is it")  # "is it" + "rare" = "is itrare"
     with pytest.raises(MedtuneError, match=r"choice test item 'choice/\d': the prompt's tokens are not a prefix"):
-        evaluate.choice_inputs(load_tokenizer(tiny_model, model_params(tiny_model)), fmt_params(tiny_model),
-                               evaluate.read_choice_test(choice_file))
+        choice_inputs(load_tokenizer(tiny_model, model_params(tiny_model)), fmt_params(tiny_model),
+                               read_choice_test(choice_file))

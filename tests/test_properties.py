@@ -13,8 +13,11 @@ from hypothesis import strategies as st
 from medtune.stages import clean
 from medtune.stages import format as format_stage
 from medtune.stages import split
-from medtune.common import BaseParams, MedtuneError, read_jsonl
-from medtune.modeling import ModelParams
+from medtune.params import BaseParams
+from medtune.console import MedtuneError
+from medtune.io import read_jsonl
+from medtune.params import ModelParams
+from medtune.splitting import SPLITS
 from tests.test_data_stages import clean_params, format_params, split_params
 
 text = st.one_of(
@@ -53,7 +56,7 @@ def test_random_records_pass_with_consistent_counts_or_fail_clearly(rows, tiny_m
             assert "no examples left after formatting" in str(e) and ".jsonl" in str(e)
             assert not (d / "fmt").exists()
             return
-        for name in split.SPLITS:
+        for name in SPLITS:
             rows_out = read_jsonl(d / "fmt" / f"{name}.jsonl")
             assert len(rows_out) == f[name]["rows"] == s[name] - f[name]["dropped_too_long"]
             assert all(r["completion"].endswith("<eos>") for r in rows_out)

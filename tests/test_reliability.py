@@ -18,10 +18,12 @@ from medtune.stages import evaluate
 from medtune.stages import fetch
 from medtune.stages import merge
 from medtune.stages import train
-from medtune.common import MedtuneError
-from medtune.modeling import ModelParams, resolve_base
+from medtune.console import MedtuneError
+from medtune.params import ModelParams
+from medtune.models import resolve_base
 from tests.conftest import ASSETS, REPO, tiny_params
 from tests.test_data_stages import BASE, clean_params, fetch_params
+from medtune.params import EvaluateParams, MergeParams
 from tests.test_model_stages import formatted, model_params, section, train_params  # noqa: F401 (fixture)
 
 
@@ -51,7 +53,7 @@ def test_missing_offline_base_model_says_how_to_provide_it():
 
 
 def test_hub_model_must_be_pinned(tmp_path, tiny_model, monkeypatch):
-    from medtune.tools.validate import check_all
+    from medtune.params import check_all
 
     p = tiny_params(tiny_model)
     p["model"].update(base="google/gemma-3-270m", revision=None)
@@ -92,10 +94,10 @@ def test_truncated_adapter_fails_merge_and_evaluate_with_a_clear_message(tmp_pat
     data = (broken / "adapter_model.safetensors").read_bytes()
     (broken / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(MedtuneError, match=r"adapter.*could not load the adapter"):
-        merge.run(section(merge.MergeParams, tiny_model, "merge"), model_params(tiny_model), broken, formatted, tmp_path / "merged")
+        merge.run(section(MergeParams, tiny_model, "merge"), model_params(tiny_model), broken, formatted, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     with pytest.raises(MedtuneError, match=r"could not load the adapter"):
-        evaluate.run(section(evaluate.EvaluateParams, tiny_model, "evaluate"), model_params(tiny_model), BASE, formatted,
+        evaluate.run(section(EvaluateParams, tiny_model, "evaluate"), model_params(tiny_model), BASE, formatted,
                      tmp_path / "eval", adapter=broken)
 
 
@@ -205,7 +207,7 @@ def test_secrets_never_reach_logs_or_model_cards(tmp_path, tiny_model, monkeypat
     for cmd in (["medtune.stages.fetch", "--out", "raw"], ["medtune.stages.clean", "--in", "raw", "--out", "clean", "--metrics", "clean.json"]):
         proc = subprocess.run([sys.executable, "-m", *cmd], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
         logs += proc.stdout + proc.stderr
-    assert "running fetch" in logs and secret not in logs  # params are logged, the environment is not
+    assert "fetch params" in logs and secret not in logs  # params are logged, the environment is not
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f

@@ -14,7 +14,6 @@ import re
 import shutil
 
 import pytest
-import yaml
 
 from tests.conftest import REPO
 from tests.test_use import (  # noqa: F401
@@ -46,11 +45,12 @@ def words(text: str) -> str:
 @pytest.fixture(scope="module")
 def ui(workdir, tiny_adapter, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("ui")
-    p = yaml.safe_load((workdir / "params.yaml").read_text())
-    p["chat"].update(max_new_tokens=NEW_TOKENS, max_new_tokens_cap=NEW_TOKENS)  # long enough to see the answer grow
-    (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    proc, url = start_server(["medtune.commands.ui", "--adapter", str(tiny_adapter)], d, "/", d / "ui.log")
-    yield url, d, p["ui"]["examples"]
+    (d / "params.yaml").write_text((workdir / "params.yaml").read_text())
+    examples = ["What are the symptoms of glaucoma ?", "Is cystic fibrosis inherited ?"]
+    limits = ["--max-new-tokens", str(NEW_TOKENS), "--max-new-tokens-cap", str(NEW_TOKENS)]  # long enough to see it grow
+    proc, url = start_server(["medtune.commands.ui", "--adapter", str(tiny_adapter), *limits,
+                              *[x for q in examples for x in ("--example", q)]], d, "/", d / "ui.log")
+    yield url, d, examples
     stop_server(proc)
 
 

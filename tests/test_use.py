@@ -18,17 +18,21 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from medtune.tools import card as card_stage
+from medtune import params
+from medtune.assistant import Answer, Limits, load_tuned
+from medtune.cards import CardInputs
 from medtune.commands import chat
+from medtune.io import write_json
+from medtune.models import load_tokenizer
+from medtune.params import ModelParams
+from medtune.prompts import render
 from medtune.stages import merge
+from medtune.tools import card as card_stage
 from medtune.tools import push
-from medtune.tools.card import CardInputs, CardParams
-from medtune.common import load_params, write_json
-from medtune.stages.format import FormatParams, render
-from medtune.modeling import ModelParams, load_tokenizer
 from tests.conftest import REPO, tiny_params
 
 QUESTION = "what are the symptoms of glaucoma ?"
+LIMITS = ["--max-new-tokens", "12", "--max-new-tokens-cap", "40", "--max-prompt-tokens", "64"]  # small, for a tiny model
 
 
 def model_params(tiny_model: Path) -> ModelParams:
@@ -41,7 +45,7 @@ def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from medtune.modeling import load_model
+    from medtune.models import load_model
 
     out = tmp_path_factory.mktemp("adapter")
     m = model_params(tiny_model)
@@ -65,8 +69,6 @@ def workdir(tmp_path_factory, tiny_model) -> Path:
     """A folder to run the commands in: params.yaml (the repository's, shrunk), eval metrics and a data card."""
     d = tmp_path_factory.mktemp("use")
     p = tiny_params(tiny_model)
-    p["chat"].update(max_new_tokens=12, max_new_tokens_cap=40, max_prompt_tokens=64)
-    p["serve"].update(max_request_bytes=2048)
     p["card"].update(hub_ids={str(tiny_model): "medtune/tiny-llama"}, licenses={"medtune/tiny-llama": "apache-2.0"})
     (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     ci = [0.1, 0.3]
@@ -93,7 +95,7 @@ def expected_answer(tiny_model: Path, adapter: Path | None, question: str, max_n
 
     m = model_params(tiny_model)
     tok = load_tokenizer(tiny_model, m)
-    (fmt,) = load_params(("format", FormatParams))
+    (fmt,) = params.load("format")
     prompt = render(tok, fmt, {"id": "q", "question": question})[0]
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     if adapter is not None:
@@ -108,22 +110,22 @@ def expected_answer(tiny_model: Path, adapter: Path | None, question: str, max_n
 
 
 def test_chat_streams_the_greedy_answer_to_the_training_prompt(in_workdir, tiny_model, tiny_adapter):
-    result = CliRunner().invoke(chat.main, ["--adapter", str(tiny_adapter), QUESTION])
+    result = CliRunner().invoke(chat.main, [*LIMITS, "--adapter", str(tiny_adapter), QUESTION])
     assert result.exit_code == 0, result.output
     want = expected_answer(tiny_model, tiny_adapter, QUESTION, 12)
     assert want.strip() and result.stdout.strip() == want.strip()
     assert "Not medical advice" in result.stderr
 
-    (cp,) = load_params(("chat", chat.ChatParams))
-    tuned, _ = chat.load_tuned(tiny_adapter, adapter=True)
-    answer = chat.Answer(tuned, QUESTION, cp)
+    limits = Limits(max_new_tokens=12, max_new_tokens_cap=40, max_prompt_tokens=64, temperature=0.0, top_p=1.0)
+    tuned, _ = load_tuned(tiny_adapter, adapter=True)
+    answer = Answer(tuned, QUESTION, limits)
     pieces = list(answer)
     assert len(pieces) > 1 and "".join(pieces).strip() == want.strip()  # streamed in pieces, not one block
     assert 1 <= answer.completion_tokens <= 12 and answer.finish_reason in ("stop", "length")
 
 
 def test_chat_compare_shows_base_beside_tuned_and_stdin_mode(in_workdir, tiny_model, tiny_adapter):
-    result = CliRunner().invoke(chat.main, ["--adapter", str(tiny_adapter), "--compare"], input=f"{QUESTION}\n\n")
+    result = CliRunner().invoke(chat.main, [*LIMITS, "--adapter", str(tiny_adapter), "--compare"], input=f"{QUESTION}\n\n")
     assert result.exit_code == 0, result.output
     tuned_head, base_head = "── fine-tuned", "── base"
     out = result.stdout
@@ -135,7 +137,7 @@ def test_chat_compare_shows_base_beside_tuned_and_stdin_mode(in_workdir, tiny_mo
 
 
 def test_chat_with_the_merged_model_answers_like_base_plus_adapter(in_workdir, tiny_model, tiny_adapter, merged):
-    result = CliRunner().invoke(chat.main, ["--model", str(merged), QUESTION])
+    result = CliRunner().invoke(chat.main, [*LIMITS, "--model", str(merged), QUESTION])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == expected_answer(tiny_model, tiny_adapter, QUESTION, 12).strip()
 
@@ -162,27 +164,27 @@ def test_chat_from_a_dvc_experiment_reads_the_adapter_from_the_cache(in_workdir,
     shutil.rmtree(repo / "models" / "adapter")  # the workspace no longer has it: it must come from the cache
     monkeypatch.chdir(repo)
     runner = CliRunner()
-    result = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "my-exp", QUESTION])
+    result = runner.invoke(chat.main, [*LIMITS, "--adapter", "models/adapter", "--exp", "my-exp", QUESTION])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == expected_answer(tiny_model, tiny_adapter, QUESTION, 12).strip()
-    tagged = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "v1", QUESTION])  # any git revision
+    tagged = runner.invoke(chat.main, [*LIMITS, "--adapter", "models/adapter", "--exp", "v1", QUESTION])  # any git revision
     assert tagged.exit_code == 0 and tagged.stdout == result.stdout, tagged.output
-    bad = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "no-such-exp", QUESTION])
+    bad = runner.invoke(chat.main, [*LIMITS, "--adapter", "models/adapter", "--exp", "no-such-exp", QUESTION])
     assert bad.exit_code == 1 and "no-such-exp: not an experiment" in bad.output and "Traceback" not in bad.output
     shutil.rmtree(repo / ".dvc" / "cache")
     shutil.rmtree(Path(os.environ["MEDTUNE_CACHE"]) / "revs")
-    gone = runner.invoke(chat.main, ["--adapter", "models/adapter", "--exp", "my-exp", QUESTION])
+    gone = runner.invoke(chat.main, [*LIMITS, "--adapter", "models/adapter", "--exp", "my-exp", QUESTION])
     assert gone.exit_code == 1 and "models/adapter is not in the DVC cache" in gone.output and "dvc pull" in gone.output
 
 
 @pytest.mark.parametrize("args, code, message", [
     (["--adapter", "X", "--model", "Y", "q"], 2, "exactly one of --model"),
     (["--adapter", "nowhere", "q"], 2, "nowhere: no such folder"),
-    (["--adapter", "ADAPTER", "word " * 80], 1, "over chat.max_prompt_tokens (64)"),
+    (["--adapter", "ADAPTER", "word " * 80], 1, "over --max-prompt-tokens (64)"),
 ])
 def test_chat_rejects_bad_input_in_one_line(in_workdir, tiny_adapter, args, code, message):
     args = [str(tiny_adapter) if a == "ADAPTER" else a for a in args]
-    result = CliRunner().invoke(chat.main, args)
+    result = CliRunner().invoke(chat.main, [*LIMITS, *args])
     assert result.exit_code == code and message in result.output and "Traceback" not in result.output
 
 
@@ -226,7 +228,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def api(workdir, tiny_adapter, tmp_path_factory):
-    proc, url = start_server(["medtune.commands.serve", "--adapter", str(tiny_adapter), "--with-base"], workdir, "/health",
+    proc, url = start_server(["medtune.commands.serve", "--adapter", str(tiny_adapter), "--with-base", *LIMITS,
+                              "--max-request-bytes", "2048"], workdir, "/health",
                              tmp_path_factory.mktemp("serve") / "serve.log")
     yield url
     stop_server(proc)
@@ -283,7 +286,7 @@ def test_api_answers_whole_and_streamed_like_the_cli(api, workdir, tiny_model, t
     ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": QUESTION}]}, 400,
      "exactly one user message"),
     ({"messages": [{"role": "user", "content": "  "}]}, 400, "the question is empty"),
-    ({"messages": [{"role": "user", "content": "word " * 80}]}, 400, "over chat.max_prompt_tokens"),
+    ({"messages": [{"role": "user", "content": "word " * 80}]}, 400, "over --max-prompt-tokens"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
     ({"temperature": 3}, 400, "temperature must be in [0, 2]"),
     ({"logprobs": True}, 400, "logprobs: Extra inputs are not permitted"),
@@ -300,7 +303,7 @@ def test_api_refuses_oversized_and_malformed_bodies(api):
     url = f"{api}/v1/chat/completions"
     big = json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]})
     r = httpx.post(url, content=big, headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "serve.max_request_bytes (2,048)" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "--max-request-bytes (2,048)" in r.json()["error"]["message"]
     chunked = httpx.post(url, content=iter([big[:1500].encode(), big[1500:].encode()]))  # no content-length
     assert chunked.status_code == 413
     bad = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
@@ -318,7 +321,7 @@ def merged(workdir, tiny_model, tiny_adapter, tmp_path_factory) -> Path:
     os.chdir(workdir)
     try:
         m = model_params(tiny_model)
-        fmt, cp, mp = load_params(("format", FormatParams), ("card", CardParams), ("merge", merge.MergeParams))
+        fmt, cp, mp = params.load("format", "card", "merge")
         tok = load_tokenizer(tiny_model, m)
         data = tmp_path_factory.mktemp("fmt")
         rows = [{"id": f"t{i}", "prompt": render(tok, fmt, {"id": f"t{i}", "question": q})[0]}
@@ -410,18 +413,20 @@ def test_push_without_dry_run_fails_in_one_line_when_the_hub_is_unreachable(in_w
 
 
 
-def test_use_params_are_checked_all_at_once(tiny_model):
-    from medtune.tools.validate import check_all
+def test_command_options_are_checked_before_anything_loads(in_workdir, tiny_adapter):
+    result = CliRunner().invoke(chat.main, ["--adapter", str(tiny_adapter), "--max-new-tokens", "0", "--temperature", "-1", "q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--max-new-tokens: Input should be greater than 0" in result.output and "temperature: must be in [0, 2]" not in result.output
+    result = CliRunner().invoke(chat.main, ["--adapter", str(tiny_adapter), "--max-new-tokens", "50", "--max-new-tokens-cap", "40",
+                                            "--temperature", "3", "q"])
+    assert result.exit_code == 2 and "max-new-tokens: must be <= max-new-tokens-cap" in result.output
+    assert "temperature: must be in [0, 2]" in result.output
 
+
+def test_card_params_typos_get_a_did_you_mean(tiny_model):
     p = tiny_params(tiny_model)
-    p["chat"].update(max_new_tokens=0, temperature=-1)
-    p["serve"]["max_request_bytes"] = 10
-    p["ui"]["examples"] = []
     p["card"]["licence"] = "mit"
-    problems = check_all(p)
-    for want in ("chat.max_new_tokens: must be >= 1", "chat.temperature: must be >= 0", "serve.max_request_bytes: must be >= 1024",
-                 "ui.examples: give at least one question", "card.licence: unknown key (did you mean 'card.licenses'?)"):
-        assert any(want in x for x in problems), (want, problems)
+    assert any("card.licence: unknown key (did you mean 'card.licenses'?)" in x for x in params.check_all(p))
 
 
 def test_api_works_with_the_official_openai_client(api, workdir, tiny_model, tiny_adapter, monkeypatch):

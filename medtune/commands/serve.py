@@ -1,16 +1,16 @@
 """An OpenAI-compatible HTTP API for the fine-tuned model: `POST /v1/chat/completions` (streamed as server-sent
 events with `"stream": true`, or whole), `GET /v1/models`, `GET /health`; FastAPI served by uvicorn.
 
-    python -m medtune.commands.serve --model models/merged --port 8000
-    python -m medtune.commands.serve --adapter models/adapter --exp my-exp --with-base    # also serves model "base"
+    medtune serve --model models/merged --port 8000
+    medtune serve --adapter models/adapter --exp my-exp --with-base    # also serves model "base"
     curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \
          -d '{"model": "tuned", "messages": [{"role": "user", "content": "What causes gout ?"}]}'
 
 Model ids: "tuned" (the default when a request names none) and, with --with-base, "base". The model was
 fine-tuned on single questions, so a request holds exactly one user message, rendered with the training
 template; system messages and earlier turns are refused rather than silently dropped.
-Limits: bodies over serve.max_request_bytes get 413; max_tokens over chat.max_new_tokens_cap, prompts over
-chat.max_prompt_tokens and malformed requests get 400, in OpenAI's error format. Reads params `chat`, `serve`.
+Limits: bodies over --max-request-bytes get 413; max_tokens over --max-new-tokens-cap, prompts over
+--max-prompt-tokens and malformed requests get 400, in OpenAI's error format. 
 """
 
 from __future__ import annotations
@@ -29,18 +29,8 @@ from fastapi import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medtune.commands.chat import (
-    DISCLAIMER,
-    Answer,
-    ChatModel,
-    ChatParams,
-    RequestError,
-    ServeParams,
-    load_base,
-    load_tuned,
-    model_folder,
-)
-from medtune.common import MedtuneError, cli_errors, load_params, setup_logging
+from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, load_base, load_tuned, model_folder
+from medtune.console import MedtuneError, cli_errors, setup_logging
 
 log = logging.getLogger("medtune.serve")
 
@@ -86,7 +76,7 @@ def question_of(req: ChatRequest) -> str:
     return req.messages[0].content
 
 
-def make_app(models: dict[str, ChatModel], cp: ChatParams, sp: ServeParams):
+def make_app(models: dict[str, ChatModel], cp: Limits, max_request_bytes: int):
     from fastapi import FastAPI
     from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
     from fastapi.responses import StreamingResponse
@@ -111,13 +101,13 @@ def make_app(models: dict[str, ChatModel], cp: ChatParams, sp: ServeParams):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > sp.max_request_bytes:
-            return error(413, f"request body of {int(declared):,} bytes is over serve.max_request_bytes ({sp.max_request_bytes:,})")
+        if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+            return error(413, f"request body of {int(declared):,} bytes is over --max-request-bytes ({max_request_bytes:,})")
         body = b""
         async for chunk in request.stream():  # chunked bodies declare no length: count as they arrive
             body += chunk
-            if len(body) > sp.max_request_bytes:
-                return error(413, f"request body is over serve.max_request_bytes ({sp.max_request_bytes:,})")
+            if len(body) > max_request_bytes:
+                return error(413, f"request body is over --max-request-bytes ({max_request_bytes:,})")
         try:
             req = ChatRequest.model_validate_json(body)
         except ValidationError as e:
@@ -187,18 +177,21 @@ def make_app(models: dict[str, ChatModel], cp: ChatParams, sp: ServeParams):
 @click.option("--with-base", is_flag=True, help='also serve the base model, as model "base"')
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def main(model_dir: Path | None, adapter: Path | None, exp: str | None, with_base: bool, host: str, port: int) -> None:
+@click.option("--max-request-bytes", default=65536, show_default=True, type=click.IntRange(min=1024),
+              help="larger request bodies are refused (413) before they are parsed")
+@limit_options
+def main(model_dir: Path | None, adapter: Path | None, exp: str | None, with_base: bool, host: str, port: int,
+         max_request_bytes: int, limits: Limits) -> None:
     """Serve the fine-tuned model over an OpenAI-compatible HTTP API."""
     import uvicorn
 
     setup_logging()
     path = model_folder(model_dir, adapter, exp)
-    with cli_errors():
-        cp, sp = load_params(("chat", ChatParams), ("serve", ServeParams))
+    with cli_errors(kept=False):
         tuned, m = load_tuned(path, adapter is not None, exp)
         models = {"tuned": tuned} | ({"base": load_base(m, tuned.fmt)} if with_base else {})
     log.info("serving %s on http://%s:%d/v1", ", ".join(f"{k} = {cm.label}" for k, cm in models.items()), host, port)
-    uvicorn.run(make_app(models, cp, sp), host=host, port=port, log_level="info")
+    uvicorn.run(make_app(models, limits, max_request_bytes), host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,16 @@
 """A web chat with the fine-tuned model (Gradio): streamed answers, the model and revision shown, a medical
 disclaimer, example questions, and a side-by-side mode that streams the base model's answer beside it.
 
-    python -m medtune.commands.ui --adapter models/adapter            # then open http://127.0.0.1:7860
-    python -m medtune.commands.ui --model models/merged --exp my-exp --port 7861
+    medtune ui --adapter models/adapter            # then open http://127.0.0.1:7860
+    medtune ui --model models/merged --exp my-exp --port 7861
 
-Loads models like `python -m medtune.commands.chat` (same options, same prompt template as training); the base
+Loads models like `medtune chat` (same options, same prompt template as training); the base
 model for the side-by-side mode is loaded too unless --no-compare. Each question is answered on its own,
-as in training: earlier turns stay on screen but are not sent to the model. Reads params `chat`, `ui`.
-Runs offline: no analytics, no share link, system fonts.
+as in training: earlier turns stay on screen but are not sent to the model. Runs offline: no analytics, no share link, system fonts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from itertools import zip_longest
@@ -20,30 +18,16 @@ from pathlib import Path
 
 import click
 
-from medtune.commands.chat import (
-    DISCLAIMER,
-    Answer,
-    ChatModel,
-    ChatParams,
-    RequestError,
-    load_base,
-    load_tuned,
-    model_folder,
-)
-from medtune.common import cli_errors, load_params, setup_logging
+from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, load_base, load_tuned, model_folder
+from medtune.console import cli_errors, setup_logging
 
 log = logging.getLogger("medtune.ui")
 
 
-@dataclasses.dataclass(frozen=True)
-class UIParams:
-    examples: list[str]  # example questions shown under the chat box
-
-    def problems(self) -> list[str]:
-        return ["examples: give at least one question"] if not [q for q in self.examples if q.strip()] else []
+EXAMPLES = ("What are the symptoms of glaucoma ?", "How is high blood pressure treated ?", "Is cystic fibrosis inherited ?")
 
 
-def build(tuned: ChatModel, base: ChatModel | None, cp: ChatParams, up: UIParams):
+def build(tuned: ChatModel, base: ChatModel | None, cp: Limits, examples: list[str]):
     import gradio as gr
 
     def respond(question: str, hist_tuned: list, hist_base: list, side_by_side: bool):
@@ -75,7 +59,7 @@ def build(tuned: ChatModel, base: ChatModel | None, cp: ChatParams, up: UIParams
         with gr.Row():
             question = gr.Textbox(label="Question", placeholder="Ask a medical question", elem_id="question", scale=5)
             ask = gr.Button("Ask", variant="primary", elem_id="ask", scale=1)
-        gr.Examples([[q] for q in up.examples], inputs=question, label="Example questions")
+        gr.Examples([[q] for q in examples], inputs=question, label="Example questions")
         gr.Markdown("Each question is answered on its own with the prompt format used in training; earlier turns are "
                     "shown but not sent.")
         side.change(lambda on: gr.update(visible=on), side, base_box)
@@ -98,17 +82,20 @@ def theme():
 @click.option("--no-compare", is_flag=True, help="do not load the base model (no side-by-side mode)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=7860, show_default=True, type=int)
-def main(model_dir: Path | None, adapter: Path | None, exp: str | None, no_compare: bool, host: str, port: int) -> None:
+@click.option("--example", "examples", multiple=True, default=EXAMPLES, show_default=True,
+              help="an example question shown under the chat box (repeat the option for several)")
+@limit_options
+def main(model_dir: Path | None, adapter: Path | None, exp: str | None, no_compare: bool, host: str, port: int,
+         examples: tuple[str, ...], limits: Limits) -> None:
     """Chat with the fine-tuned model in the browser."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     setup_logging()
     path = model_folder(model_dir, adapter, exp)
-    with cli_errors():
-        cp, up = load_params(("chat", ChatParams), ("ui", UIParams))
+    with cli_errors(kept=False):
         tuned, m = load_tuned(path, adapter is not None, exp)
         base = None if no_compare else load_base(m, tuned.fmt)
     log.info("web UI on http://%s:%d (%s)", host, port, tuned.label)
-    build(tuned, base, cp, up).queue().launch(server_name=host, server_port=port, share=False, show_error=True,
+    build(tuned, base, limits, list(examples)).queue().launch(server_name=host, server_port=port, share=False, show_error=True,
                                               theme=theme(), quiet=True)
 
 

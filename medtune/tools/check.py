@@ -1,7 +1,7 @@
 """CI gate on pulled artifacts, without retraining: after `git clone` + `dvc pull`, check that
 
 1. `dvc status` is clean: every pulled output, metric and dependency matches dvc.lock;
-2. the metrics meet the thresholds in params.yaml `check:` (tuned - base delta and its CI, test size,
+2. the metrics meet the thresholds given as options (tuned - base delta and its CI, test size,
    runaway and empty answers, merge check passed), and the two evaluations agree with each other;
 3. the lineage matches: the base model and chat template the adapter was trained with are the ones the
    params name now (metrics/lineage.json);
@@ -22,27 +22,19 @@ from typing import Literal
 
 import click
 
-from medtune.common import (
-    MedtuneError,
-    cli_errors,
-    load_params,
-    log_params,
-    read_jsonl,
-    setup_logging,
-)
-from medtune.modeling import (
-    ModelParams,
-    load_model,
-    load_tokenizer,
-    resolve_base,
-    stop_token_ids,
-)
+from medtune import params
+from medtune.console import MedtuneError, cli_errors, setup_logging
+from medtune.generation import greedy
+from medtune.io import read_jsonl
+from medtune.models import lineage, load_adapter, load_model, load_tokenizer, resolve_base
+from medtune.params import ModelParams
 
 log = logging.getLogger("medtune.check")
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckParams:
+class Thresholds:
+    """What the pulled run must reach (the command's options)."""
     metric: Literal["rouge1", "rouge2", "rougeL", "token_f1"]  # the score the thresholds apply to
     min_delta: float  # tuned - base, paired mean over the test questions
     require_ci_above_zero: bool  # the delta's CI lower bound must be > 0
@@ -52,14 +44,6 @@ class CheckParams:
     require_merge_passed: bool
     questions: int  # test prompts the adapter must answer
     max_new_tokens: int
-
-    def problems(self) -> list[str]:
-        out = []
-        if not (0 <= self.max_runaway_rate <= 1 and 0 <= self.max_empty_rate <= 1):
-            out.append("max_runaway_rate/max_empty_rate: must be in [0, 1]")
-        if self.questions < 1 or self.max_new_tokens < 1 or self.min_test_questions < 1:
-            out.append("questions/max_new_tokens/min_test_questions: must be >= 1")
-        return out
 
 
 def status_problems(repo: Path) -> list[str]:
@@ -102,7 +86,7 @@ def read_metrics(path: Path, problems: list[str]) -> dict | None:
     return data
 
 
-def metric_problems(p: CheckParams, eval_base: Path, eval_tuned: Path, merge: Path) -> tuple[list[str], dict]:
+def metric_problems(p: Thresholds, eval_base: Path, eval_tuned: Path, merge: Path) -> tuple[list[str], dict]:
     problems: list[str] = []
     base, tuned, merged = (read_metrics(f, problems) for f in (eval_base, eval_tuned, merge))
     m, d = p.metric, f"delta_{p.metric}"
@@ -120,15 +104,15 @@ def metric_problems(p: CheckParams, eval_base: Path, eval_tuned: Path, merge: Pa
         runaway, empty = get(tuned, eval_tuned, "runaway_rate"), get(tuned, eval_tuned, "empty_rate")
         summary |= {d: delta, f"{d}_ci": ci, "n": n}
         if delta is not None and delta < p.min_delta:
-            problems.append(f"{eval_tuned}: {d} {delta:+.4f} is below check.min_delta {p.min_delta:+.4f}")
+            problems.append(f"{eval_tuned}: {d} {delta:+.4f} is below --min-delta {p.min_delta:+.4f}")
         if ci is not None and p.require_ci_above_zero and not (len(ci) == 2 and isinstance(ci[0], (int, float)) and ci[0] > 0):
-            problems.append(f"{eval_tuned}: {d}_ci {ci} does not lie above 0 (within noise; check.require_ci_above_zero)")
+            problems.append(f"{eval_tuned}: {d}_ci {ci} does not lie above 0 (within noise; --require-ci-above-zero)")
         if n is not None and n < p.min_test_questions:
-            problems.append(f"{eval_tuned}: n {n} test questions is below check.min_test_questions {p.min_test_questions}")
+            problems.append(f"{eval_tuned}: n {n} test questions is below --min-test-questions {p.min_test_questions}")
         if runaway is not None and runaway > p.max_runaway_rate:
-            problems.append(f"{eval_tuned}: runaway_rate {runaway} is above check.max_runaway_rate {p.max_runaway_rate}")
+            problems.append(f"{eval_tuned}: runaway_rate {runaway} is above --max-runaway-rate {p.max_runaway_rate}")
         if empty is not None and empty > p.max_empty_rate:
-            problems.append(f"{eval_tuned}: empty_rate {empty} is above check.max_empty_rate {p.max_empty_rate}")
+            problems.append(f"{eval_tuned}: empty_rate {empty} is above --max-empty-rate {p.max_empty_rate}")
         if base is not None and None not in (delta, n):
             # the paired delta is the difference of the two means over the same questions (each rounded to 1e-4)
             b, t, nb = get(base, eval_base, m), get(tuned, eval_tuned, m), get(base, eval_base, "n", int)
@@ -137,14 +121,12 @@ def metric_problems(p: CheckParams, eval_base: Path, eval_tuned: Path, merge: Pa
             if nb is not None and nb != n:
                 problems.append(f"{eval_tuned}: n {n} differs from {eval_base}: n {nb} (not the same test questions)")
     if merged is not None and p.require_merge_passed and merged.get("passed") is not True:
-        problems.append(f"{merge}: passed is {merged.get('passed')!r}, not true (check.require_merge_passed)")
+        problems.append(f"{merge}: passed is {merged.get('passed')!r}, not true (--require-merge-passed)")
     return problems, summary
 
 
 def lineage_problems(m: ModelParams, identity: dict, tok, lineage_file: Path) -> list[str]:
     """The base model and rendered chat template recorded at training time must be the ones used now."""
-    from medtune.stages.train import lineage
-
     recorded = read_metrics(lineage_file, problems := [])
     if recorded is None:
         return problems
@@ -155,11 +137,8 @@ def lineage_problems(m: ModelParams, identity: dict, tok, lineage_file: Path) ->
     return problems
 
 
-def answer_problems(p: CheckParams, m: ModelParams, base_path: Path, tok, adapter: Path, data_dir: Path) -> tuple[list[str], list[str]]:
+def answer_problems(p: Thresholds, m: ModelParams, base_path: Path, tok, adapter: Path, data_dir: Path) -> tuple[list[str], list[str]]:
     """Load base + adapter and answer the first `p.questions` test prompts greedily; every answer must be non-empty."""
-    import torch
-    from peft import PeftModel
-
     if not (adapter / "adapter_model.safetensors").exists():
         return [f"{adapter}/adapter_model.safetensors: not found (run `dvc pull`)"], []
     test = data_dir / "test.jsonl"
@@ -170,25 +149,19 @@ def answer_problems(p: CheckParams, m: ModelParams, base_path: Path, tok, adapte
     if not rows:
         return [f"{test}: no test questions to answer"], []
     try:
-        model = PeftModel.from_pretrained(load_model(base_path, m), adapter).eval()
-    except Exception as e:  # a truncated or tampered safetensors file, an adapter for another base model
-        return [f"{adapter}: could not load the adapter on {m.base} ({type(e).__name__}: {e})"], []
+        model = load_adapter(load_model(base_path, m), adapter, m).eval()
+    except MedtuneError as e:
+        return [str(e)], []
     problems, answers = [], []
-    tok.padding_side = "left"
-    enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True).to(model.device)
-    with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=p.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=stop_token_ids(tok, model))
-    for r, ids in zip(rows, gen[:, enc["input_ids"].shape[1]:]):
-        answer = tok.decode(ids, skip_special_tokens=True).strip()
-        answers.append(answer)
-        log.info("Q %s: %s\nA: %s", r["id"], r["question"], answer)
-        if not answer:
+    for r, g in zip(rows, greedy(model, tok, [r["prompt"] for r in rows], p.max_new_tokens, len(rows), desc="check answers")):
+        answers.append(g["answer"])
+        log.info("Q %s: %s\nA: %s", r["id"], r["question"], g["answer"])
+        if not g["answer"]:
             problems.append(f"{adapter}: empty answer to test question {r['id']} ({test})")
     return problems, answers
 
 
-def run(p: CheckParams, m: ModelParams, repo: Path, adapter: Path, data_dir: Path, eval_base: Path, eval_tuned: Path,
+def run(p: Thresholds, m: ModelParams, repo: Path, adapter: Path, data_dir: Path, eval_base: Path, eval_tuned: Path,
         merge: Path, lineage_file: Path) -> dict:
     problems = status_problems(repo)
     found, summary = metric_problems(p, eval_base, eval_tuned, merge)
@@ -216,12 +189,25 @@ def run(p: CheckParams, m: ModelParams, repo: Path, adapter: Path, data_dir: Pat
 @click.option("--merge", default="metrics/merge.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--lineage", "lineage_file", default="metrics/lineage.json", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path))
-def main(adapter: Path, data_dir: Path, eval_base: Path, eval_tuned: Path, merge: Path, lineage_file: Path) -> None:
-    """The paths default to the outputs named in dvc.yaml."""
+@click.option("--metric", type=click.Choice(["rouge1", "rouge2", "rougeL", "token_f1"]), default="rougeL", show_default=True,
+              help="the score the thresholds apply to")
+@click.option("--min-delta", type=float, default=0.05, show_default=True, help="tuned - base (paired mean) must reach this")
+@click.option("--require-ci-above-zero/--allow-ci-with-zero", default=True, show_default=True,
+              help="the delta's confidence interval must lie above 0")
+@click.option("--min-test-questions", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--max-runaway-rate", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="tuned answers that hit the token limit without stopping")
+@click.option("--max-empty-rate", type=click.FloatRange(0, 1), default=0.05, show_default=True)
+@click.option("--require-merge-passed/--ignore-merge-check", default=True, show_default=True)
+@click.option("--questions", type=click.IntRange(min=1), default=2, show_default=True,
+              help="first N test prompts the adapter, loaded on its base, must answer (non-empty)")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+def main(adapter: Path, data_dir: Path, eval_base: Path, eval_tuned: Path, merge: Path, lineage_file: Path, **thresholds) -> None:
+    """CI gate on a pulled run: hashes, thresholds, lineage, answers. The paths default to dvc.yaml's outputs."""
     setup_logging()
-    with cli_errors():
-        m, p = load_params(("model", ModelParams), ("check", CheckParams))
-        log_params("check", p)
+    p = Thresholds(**thresholds)
+    with cli_errors(kept=False):
+        (m,) = params.load("model")
         s = run(p, m, Path("."), adapter, data_dir, eval_base, eval_tuned, merge, lineage_file)
     d = f"delta_{p.metric}"
     click.echo(f"check passed: dvc status clean; {d} {s[d]:+.4f} {s[f'{d}_ci']} (n={s['n']}); "

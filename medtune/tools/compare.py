@@ -1,15 +1,14 @@
-"""Compare fine-tunes across base models and settings from `dvc exp show --json`: for each run, the base
-model's score, the tuned model's score and the paired tuned - base delta, each with its bootstrap CI, a flag
-where the delta is within noise, the best run per base model, training speed and memory. Runs that differ
-only in `base.seed` are one row, reported as mean ± std over the seeds.
+"""`medtune compare`: compare fine-tunes across base models and settings, from the experiments DVC recorded
+(dvc.api): for each run, the base model's score, the tuned model's score and the paired tuned - base delta, each
+with its bootstrap CI, a flag where the delta is within noise, the best run per base model, training speed and
+memory. Runs that differ only in `base.seed` are one row, reported as mean ± std over the seeds.
 
-Not a DVC stage: it reads the experiments DVC recorded. Run as:
-    python -m medtune.tools.compare --out reports/compare      # runs `dvc exp show --json --param-deps` itself
-    dvc exp show --json --param-deps -A > exps.json && python -m medtune.tools.compare --exps exps.json --out reports/compare
-Only the params sections that dvc.yaml's stages depend on are compared (not `check:`, `ui:`, ...).
-`--reference NAME` also compares every run with one named run (e.g. a plain baseline) on the same test
-questions: the paired difference of the tuned models' scores, with its bootstrap CI (params `evaluate`).
-Reads params `compare`, `evaluate`. Writes compare.md, compare.csv and deltas.png (the deltas with their CIs) to --out.
+    medtune compare --out reports/compare                          # the experiments of the commit checked out
+    medtune compare --out reports/holdout --reference holdout-baseline
+
+Only the params sections that dvc.yaml's stages depend on are compared. `--reference NAME` also compares every
+run with one named run (e.g. a plain baseline) on the same test questions: the paired difference of the tuned
+models' scores, with its bootstrap CI (params `evaluate`). Writes compare.md, compare.csv and deltas.png.
 """
 
 from __future__ import annotations
@@ -19,23 +18,18 @@ import dataclasses
 import io
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 from typing import Literal
 
 import click
 import numpy as np
 
-from medtune.common import (
-    MedtuneError,
-    atomic_dir,
-    cli_errors,
-    load_params,
-    log_params,
-    setup_logging,
-    write_text_atomic,
-)
+from medtune import params
+from medtune.console import MedtuneError, cli_errors, setup_logging
+from medtune.experiments import finished_runs
+from medtune.io import atomic_dir, write_text_atomic
+from medtune.metrics import bootstrap_ci
+from medtune.params import EvaluateParams
 
 log = logging.getLogger("medtune.compare")
 GROUP_KEYS = ("model.base", "model.revision")  # one base model = one group; the table's first columns
@@ -48,71 +42,21 @@ COLUMNS = ["base_model", "revision", "run", "changed_params", "seeds", "n_test",
 
 @dataclasses.dataclass(frozen=True)
 class CompareParams:
+    """The command's options."""
     metric: Literal["rouge1", "rouge2", "rougeL", "token_f1"]  # the score compared and used to pick the best run
     seed_noise_sigmas: float  # with several seeds, a delta within this many seed std devs of 0 is noise
 
-    def problems(self) -> list[str]:
-        return ["seed_noise_sigmas: must be positive"] if self.seed_noise_sigmas <= 0 else []
 
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
-    return out
-
-
-def stage_sections(pipeline: Path) -> set[str]:
-    """The params.yaml sections some stage depends on: only these are compared (not `check:`, `ui:`, ...)."""
-    import yaml
-
-    try:
-        stages = (yaml.safe_load(pipeline.read_text(encoding="utf-8")) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise MedtuneError(f"{pipeline}: cannot read the stages ({e})") from None
-    out = set()
-    for stage in stages.values():
-        for item in stage.get("params") or []:
-            keys = [item] if isinstance(item, str) else [k for v in item.values() for k in v or []]
-            out |= {k.split(".")[0] for k in keys}
-    return out
-
-
-def runs_from_show(shown, source: str, files: dict[str, str], sections: set[str]) -> tuple[list[dict], dict[str, int]]:
-    """One dict per finished run (baseline commits and their experiments) with its flattened params (the
-    `sections` only) and the metrics files named in `files`; returns (runs, skipped counts by reason)."""
-    if not isinstance(shown, list):
-        raise MedtuneError(f"{source}: expected the list that `dvc exp show --json` prints")
-    entries = []
-    for commit in shown:
-        if not isinstance(commit, dict) or "rev" not in commit:
-            raise MedtuneError(f"{source}: an entry without 'rev': not `dvc exp show --json` output")
-        entries.append((commit["rev"], commit.get("name"), commit))
-        for group in commit.get("experiments") or []:
-            for exp in group.get("revs") or []:
-                entries.append((exp.get("rev", "?"), exp.get("name") or group.get("name"), exp))
-    runs, skipped = [], {}
-    for rev, name, entry in entries:
-        name = "workspace" if rev == "workspace" else name or rev[:7]
-        data = entry.get("data") or {}
-        metrics = {path: ((data.get("metrics") or {}).get(path) or {}).get("data") for path in files.values()}
-        missing = [p for p, m in metrics.items() if not m]
-        if entry.get("error") or missing:
-            reason = "failed" if entry.get("error") else f"no {missing[0]}"
-            skipped[reason] = skipped.get(reason, 0) + 1
-            continue
-        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-        if not params:
-            raise MedtuneError(f"{source}: run {name}: no params.yaml params recorded")
-        run = {"name": name, "rev": rev, "params": flatten({k: v for k, v in params.items() if k in sections}),
-               "paths": files, **{key: full_metrics(rev, path, name) for key, path in files.items()}}
+def collect(repo: Path, files: dict[str, str]) -> tuple[list[dict], dict[str, int]]:
+    """One dict per finished run with its params and the whole metrics files named in `files` (dvc exp show
+    leaves out list values such as the CIs, so each file is read from the run's commit)."""
+    found, skipped = finished_runs(repo, list(files.values()))
+    runs = []
+    for r in found:
+        run = {"name": r.name, "rev": r.rev, "params": r.params, "paths": files, "_run": r,
+               **{key: r.json_or_yaml(path) for key, path in files.items()}}
         run["base_only"] = not own_tuned_evaluation(run)
         runs.append(run)
-    # the workspace usually repeats HEAD's run: keep it only when it differs from every commit and experiment
-    runs = [r for r in runs if r["rev"] != "workspace" or not any(same_run(r, o) for o in runs if o["rev"] != "workspace")]
     return runs, skipped
 
 
@@ -124,20 +68,6 @@ def own_tuned_evaluation(run: dict) -> bool:
     if "delta_rougeL" not in tuned:
         return False
     return abs(tuned["rougeL"] - tuned["delta_rougeL"] - base["rougeL"]) <= 3e-4  # three values rounded to 4 decimals
-
-
-def same_run(a: dict, b: dict) -> bool:
-    return a["params"] == b["params"] and a["eval_tuned"] == b["eval_tuned"]
-
-
-def full_metrics(rev: str, path: str, name: str) -> dict:
-    """The whole metrics file of a run. `dvc exp show --json` drops list values such as the CIs, so read the
-    file itself: from the workspace, or from the run's git commit (DVC commits uncached metrics with the run)."""
-    text = run_text(rev, path, name)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MedtuneError(f"{path} of run {name} ({rev[:7]}):{e.lineno}: malformed JSON ({e.msg})") from None
 
 
 def metric_value(run: dict, file_key: str, key: str, source: str):
@@ -203,21 +133,10 @@ def compare(runs: list[dict], p: CompareParams, source: str) -> list[dict]:
     return rows
 
 
-def run_text(rev: str, path: str, name: str) -> str:
-    if rev == "workspace":
-        if Path(path).exists():
-            return Path(path).read_text(encoding="utf-8")
-    else:
-        proc = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
-        if proc.returncode == 0:
-            return proc.stdout
-    raise MedtuneError(f"run {name} ({rev[:7]}): cannot read {path} (compare in the repository the experiments ran in)")
-
-
 def question_scores(run: dict, path: str, metric: str) -> dict[str, float]:
     """id -> the tuned model's score on that test question, from the run's predictions file."""
     out = {}
-    for i, line in enumerate(run_text(run["rev"], path, run["name"]).splitlines(), 1):
+    for i, line in enumerate(run["_run"].text(path).splitlines(), 1):
         if line.strip():
             try:
                 row = json.loads(line)
@@ -234,8 +153,6 @@ def against_reference(rows: list[dict], runs: list[dict], reference: str, predic
     mean over its seeds, with the bootstrap CI when it has one seed. A run with other test questions (a split
     with another seed) is not comparable: left out, and a row of only such runs gets no value. The reference's
     scores come from `reference_predictions` (e.g. its base model's answers), else from the same file."""
-    from medtune.stages.evaluate import bootstrap_ci
-
     ref = [r for r in runs if r["name"] == reference]
     if not ref:
         raise MedtuneError(f"--reference {reference}: no finished run of that name (runs: {', '.join(r['name'] for r in runs)})")
@@ -310,26 +227,31 @@ def plot(rows: list[dict], p: CompareParams, png: Path) -> None:
     def short(base: str) -> str:  # a local folder by its name; hub ids and pypi: names as they are
         return Path(base).name if str(base).startswith(("/", ".")) else str(base)
 
-    labels = [f"{short(r['base_model'])} · {r['run']}" for r in rows]
+    def label(r: dict) -> str:  # what changed (learning_rate=0.0001), then the run's name; ★ the best per base model
+        changed = " ".join(kv.split(".", 1)[-1] for kv in r["changed_params"].split()) or "-"
+        return f"{'★ ' if r['best'] else ''}{short(r['base_model'])} · {changed} · {r['run']}"
+
     fig, ax = plt.subplots(figsize=(9, 1.6 + 0.45 * len(rows)))
     for y, r in enumerate(rows):
         lo, hi = interval(r, "delta", 1.0)
-        color = "tab:gray" if r["within_noise"] else "tab:blue"
+        color = "tab:gray" if r["within_noise"] else "tab:orange" if r["best"] else "tab:blue"
         ax.errorbar(r["delta"], y, xerr=[[r["delta"] - lo], [hi - r["delta"]]], fmt="o", color=color, capsize=4)
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), labels)
+    ax.set_yticks(range(len(rows)), [label(r) for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel(f"{p.metric}: tuned - base")
-    ax.set_title("bars: the delta's CI (one seed) or ± 1 std (several seeds); gray: within noise", fontsize=9)
+    ax.set_title("bars: the delta's CI (one seed) or ± 1 std (several seeds); ★ best per base model; gray: within noise",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
 
-def run(p: CompareParams, shown, source: str, files: dict[str, str], sections: set[str], out_dir: Path,
-        reference: str | None = None, predictions: str = "eval/tuned/predictions.jsonl", ev=None, seed: int = 0,
+def run(p: CompareParams, repo: Path, files: dict[str, str], out_dir: Path, reference: str | None = None,
+        predictions: str = "eval/tuned/predictions.jsonl", ev: EvaluateParams | None = None, seed: int = 0,
         reference_predictions: str | None = None) -> dict:
-    runs, skipped = runs_from_show(shown, source, files, sections)
+    runs, skipped = collect(repo, files)
+    source = f"experiments of {repo.resolve()}"
     base_only = [r["name"] for r in runs if r["base_only"]]
     if base_only:  # not a fine-tune to compare, but its base answers can be the reference
         log.info("runs without a tuned evaluation of their own (left out of the table): %s", ", ".join(base_only))
@@ -345,21 +267,14 @@ def run(p: CompareParams, shown, source: str, files: dict[str, str], sections: s
             "best": {f"{r['base_model']}": r["run"] for r in rows if r["best"]}}
 
 
-def exp_show_json() -> list:
-    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", "--param-deps"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MedtuneError(f"`dvc exp show --json --param-deps` failed: {last}")
-    return json.loads(proc.stdout)
-
-
 @click.command()
-@click.option("--exps", "exps_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="saved `dvc exp show --json --param-deps` output; default: run it in the current repository")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--pipeline", default="dvc.yaml", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="the params sections its stages depend on are compared")
+@click.option("--repo", default=".", show_default=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="the DVC repository whose experiments are compared")
+@click.option("--metric", type=click.Choice(["rouge1", "rouge2", "rougeL", "token_f1"]), default="rougeL", show_default=True,
+              help="the score compared; picks the best run")
+@click.option("--seed-noise-sigmas", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="with several seeds, a mean delta within this many seed std devs of 0 is noise")
 @click.option("--eval-base", default="metrics/eval_base.json", show_default=True, help="metrics file as named in dvc.yaml")
 @click.option("--eval-tuned", default="metrics/eval_tuned.json", show_default=True, help="metrics file as named in dvc.yaml")
 @click.option("--train", "train_metrics", default="metrics/train.json", show_default=True, help="metrics file as named in dvc.yaml")
@@ -369,26 +284,15 @@ def exp_show_json() -> list:
 @click.option("--reference-predictions",
               help="the reference run's file to compare with, e.g. eval/base/predictions.jsonl for its base model's "
                    "answers (an experiment that ran only evaluate_base in another prompt layout); default: --predictions")
-def main(exps_file: Path | None, out_dir: Path, pipeline: Path, eval_base: str, eval_tuned: str, train_metrics: str,
-         reference: str | None, predictions: str, reference_predictions: str | None) -> None:
-    from medtune.common import BaseParams
-    from medtune.stages.evaluate import EvaluateParams
-
+def main(out_dir: Path, repo: Path, metric: str, seed_noise_sigmas: float, eval_base: str, eval_tuned: str,
+         train_metrics: str, reference: str | None, predictions: str, reference_predictions: str | None) -> None:
+    """Table and plot of the experiments: base, tuned and paired delta with CIs, best run per base model."""
     setup_logging()
-    with cli_errors():
-        p, ev, base = load_params(("compare", CompareParams), ("evaluate", EvaluateParams), ("base", BaseParams))
-        log_params("compare", p)
-        if exps_file is None:
-            source, shown = "dvc exp show --json --param-deps", exp_show_json()
-        else:
-            source = str(exps_file)
-            try:
-                shown = json.loads(exps_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise MedtuneError(f"{exps_file}:{e.lineno}: malformed JSON ({e.msg})") from None
+    p = CompareParams(metric, seed_noise_sigmas)
+    with cli_errors(kept=False):
+        ev, base = params.load("evaluate", "base", path=repo / "params.yaml")
         files = {"eval_base": eval_base, "eval_tuned": eval_tuned, "train": train_metrics}
-        summary = run(p, shown, source, files, stage_sections(pipeline), out_dir, reference, predictions, ev, base.seed,
-                      reference_predictions)
+        summary = run(p, repo, files, out_dir, reference, predictions, ev, base.seed, reference_predictions)
     log.info("compared %d runs in %d rows (skipped: %s); best: %s; wrote %s", summary["runs"], summary["rows"],
              summary["skipped"] or "none", summary["best"], out_dir)
 

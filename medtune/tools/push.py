@@ -2,18 +2,17 @@
 (huggingface_hub's `upload_folder`; the token comes from `hf auth login` or $HF_TOKEN).
 `--dry-run` uploads nothing and lists exactly the files that would go: path, bytes and sha256.
 
-    python -m medtune.tools.push --model models/merged --repo-id me/medtune-gemma-270m --dry-run
-    python -m medtune.tools.push --adapter models/adapter --repo-id me/medtune-gemma-270m-lora \
+    medtune push --model models/merged --repo-id me/medtune-gemma-270m --dry-run
+    medtune push --adapter models/adapter --repo-id me/medtune-gemma-270m-lora \
         --eval-base metrics/eval_base.json --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md
 
 The merged folder goes as the merge stage wrote it (its README.md is the card). The adapter goes with a
-card built now (medtune/tools/card.py) in place of peft's placeholder README.md. Reads params `format`, `card`
+card built now (medtune/cards.py) in place of peft's placeholder README.md. Reads params `format`, `card`
 (for the adapter's card).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tempfile
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import click
 
-from medtune.tools.card import CardInputs, CardParams, check_card_inputs, write_model_card
-from medtune.common import MedtuneError, cli_errors, load_params, setup_logging
-from medtune.stages.format import FormatParams
+from medtune import params
+from medtune.cards import CardInputs, check_card_inputs, write_model_card
+from medtune.console import MedtuneError, cli_errors, setup_logging
+from medtune.hashing import file_digest
 
 log = logging.getLogger("medtune.push")
 
@@ -45,11 +45,7 @@ def stage_upload(src: Path, kind: str, card: CardInputs | None, dest: Path) -> l
         shutil.copytree(src, dest)
     rows = []
     for f in sorted(p for p in dest.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        rows.append({"path": f.relative_to(dest).as_posix(), "bytes": f.stat().st_size, "sha256": h.hexdigest()})
+        rows.append({"path": f.relative_to(dest).as_posix(), "bytes": f.stat().st_size, "sha256": file_digest(f)})
     return rows
 
 
@@ -83,13 +79,13 @@ def main(model_dir: Path | None, adapter: Path | None, repo_id: str, private: bo
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise click.BadParameter(f"{repo_id!r}: expected owner/name", param_hint="--repo-id")
     kind, src = ("adapter", adapter) if adapter else ("merged", model_dir)
-    with cli_errors():
+    with cli_errors(kept=False):
         card = None
         if kind == "adapter":
             missing = [o for o, v in (("--eval-base", eval_base), ("--eval-tuned", eval_tuned), ("--data-card", data_card)) if v is None]
             if missing:
                 raise click.UsageError(f"--adapter needs {', '.join(missing)} for its model card")
-            fmt, cp = load_params(("format", FormatParams), ("card", CardParams))
+            fmt, cp = params.load("format", "card")
             card = CardInputs(cp, fmt, eval_base, eval_tuned, data_card)
             check_card_inputs(card)
         with tempfile.TemporaryDirectory(prefix="medtune-push-") as tmp:

@@ -2,9 +2,9 @@
 checking every key against params.yaml's schema. A recipe value replaces the whole params.yaml value,
 mappings too (`fetch.columns`, `format.disclaimer`: a mapping is removed and set again, `~key +key={...}`).
 
-Run as:  dvc exp run $(python -m medtune.tools.recipe recipes/gpu.yaml)
+Run as:  dvc exp run $(medtune recipe recipes/gpu.yaml)
   or, when a value holds spaces (the flags are then shell-quoted):
-         eval "dvc exp run --queue $(python -m medtune.tools.recipe recipes/medquad_llama32_1b.yaml)"
+         eval "dvc exp run --queue $(medtune recipe recipes/medquad_llama32_1b.yaml)"
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 import yaml
 
-from medtune.common import MedtuneError, cli_errors, read_params_file
-from medtune.tools.validate import check_all
+from medtune import params
+from medtune.console import MedtuneError, cli_errors
 
 PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")  # strings DVC's override grammar (Hydra's) reads as themselves
 
@@ -43,8 +43,8 @@ def override_value(value) -> str:
 
 
 def overrides(recipe: Path, params_file: Path = Path("params.yaml")) -> list[str]:
-    data = read_params_file(recipe)
-    merged = read_params_file(params_file)
+    data, _ = params.read(recipe)
+    merged, _ = params.read(params_file)
     flags = []
     for section, keys in data.items():
         if not isinstance(keys, dict) or section not in merged:
@@ -55,16 +55,17 @@ def overrides(recipe: Path, params_file: Path = Path("params.yaml")) -> list[str
                 flags += ["-S", f"~{section}.{key}", "-S", f"+{section}.{key}={override_value(value)}"]
             else:
                 flags += ["-S", f"{section}.{key}={override_value(value)}"]
-    problems = check_all(merged)
+    problems = params.check_all(merged, source=f"{params_file} + {recipe}")
     if problems:
-        raise MedtuneError(f"{recipe}: " + "; ".join(problems))
+        raise MedtuneError("; ".join(problems))
     return flags
 
 
 @click.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def main(recipe: Path) -> None:
-    with cli_errors():
+    """Print RECIPE (a partial params.yaml) as `-S` flags for `dvc exp run`, after checking it."""
+    with cli_errors(kept=False):
         click.echo(" ".join(shlex.quote(f) for f in overrides(recipe)))
 
 

@@ -1,6 +1,6 @@
-"""Check every section of params.yaml at once, before any stage does work.
+"""`medtune validate`: check every section of params.yaml at once, before any stage does work.
 
-Run as:  python -m medtune.tools.validate      (exit 0 and "params.yaml: ok", or exit 1 listing every problem)
+    medtune validate      (exit 0 and "params.yaml: ok", or exit 1 listing every problem with its line)
 """
 
 from __future__ import annotations
@@ -9,50 +9,31 @@ from pathlib import Path
 
 import click
 
-from medtune.common import BaseParams, cli_errors, parse_section, read_params_file, MedtuneError
+from medtune import params
+from medtune.console import MedtuneError, cli_errors
 
 
-def sections() -> dict:
-    from medtune.tools import card
-    from medtune.commands import chat
-    from medtune.tools import check
-    from medtune.stages import clean
-    from medtune.tools import compare
-    from medtune.stages import evaluate
-    from medtune.stages import fetch
-    from medtune.stages import format
-    from medtune.stages import merge
-    from medtune.stages import report
-    from medtune.stages import split
-    from medtune.stages import train
-    from medtune.commands import ui
-    from medtune.modeling import ModelParams
+def problems(path: Path) -> list[str]:
+    """Every problem of a params file: the sections' own, and a chat template that does not exist."""
+    from medtune.models import template_problem
 
-    return {"base": BaseParams, "model": ModelParams, "fetch": fetch.FetchParams, "clean": clean.CleanParams,
-            "split": split.SplitParams, "format": format.FormatParams, "train": train.TrainParams,
-            "evaluate": evaluate.EvaluateParams, "merge": merge.MergeParams, "card": card.CardParams,
-            "chat": chat.ChatParams, "serve": chat.ServeParams, "ui": ui.UIParams,
-            "report": report.ReportParams, "compare": compare.CompareParams, "check": check.CheckParams}
-
-
-def check_all(data: dict) -> list[str]:
-    known = sections()
-    problems = [f"{name}: unknown section (known: {', '.join(known)})" for name in data if name not in known]
-    for name, cls in known.items():
-        if name not in data:
-            problems.append(f"{name}: missing section")
-        else:
-            problems += parse_section(data[name], name, cls)[1]
-    return problems
+    data, lines = params.read(path)
+    found = params.check_all(data, lines, str(path))
+    if not found:
+        (m,) = params.load("model", path=path)
+        if (why := template_problem(m)) is not None:
+            found.append(f"{path}:{lines.get(('model', 'chat_template'), '?')}: {why}")
+    return found
 
 
 @click.command()
-@click.option("--params", "params_file", default="params.yaml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
 def main(params_file: Path) -> None:
-    with cli_errors():
-        problems = check_all(read_params_file(params_file))
-        if problems:
-            raise MedtuneError(f"{params_file}: " + "; ".join(problems))
+    """Check every section of params.yaml at once and list every problem."""
+    with cli_errors(kept=False):
+        found = problems(params_file)
+        if found:
+            raise MedtuneError("; ".join(found))
     click.echo(f"{params_file}: ok")
 
 

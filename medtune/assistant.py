@@ -1,0 +1,227 @@
+"""A trained model ready to answer questions one at a time: the `chat`, `ui` and `serve` commands load it from a
+folder (the workspace's, or an experiment's), prompt it exactly as training did (prompts.question_prompt), and
+stream its answer within limits, stopping at the tokens every stage stops at (models.stop_token_ids)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import BaseModel, PositiveInt, model_validator
+
+from medtune.console import MedtuneError
+from medtune.models import load_adapter, load_model, load_tokenizer, resolve_base, stop_token_ids
+from medtune.params import STRICT, FormatParams, ModelParams, problems_of, section_problems
+from medtune.params import read as read_params
+from medtune.prompts import question_prompt
+
+DISCLAIMER = ("Not medical advice: answers come from a small research model and can be wrong or outdated. "
+              "Consult a qualified clinician about any health question.")
+
+
+
+
+class Limits(BaseModel):
+    """Generation settings of the commands (their options, not params.yaml: they change no pipeline output)."""
+    model_config = STRICT
+    max_new_tokens: PositiveInt  # answer length when a request names none
+    max_new_tokens_cap: PositiveInt  # requests for more are refused
+    max_prompt_tokens: PositiveInt  # longer prompts are refused before generation
+    temperature: float  # 0: greedy; > 0 samples
+    top_p: float  # nucleus mass when sampling
+
+    @model_validator(mode="after")
+    def _check(self):
+        found = []
+        if self.max_new_tokens > self.max_new_tokens_cap:
+            found.append("max_new_tokens: must be <= max_new_tokens_cap")
+        if not 0 <= self.temperature <= 2:
+            found.append("temperature: must be in [0, 2] (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            found.append("top_p: must be in (0, 1]")
+        problems_of(found)
+        return self
+
+
+class RequestError(MedtuneError):
+    """A bad question or generation setting from the user (HTTP 400 in `serve`)."""
+
+
+@dataclasses.dataclass
+class ChatModel:
+    label: str  # what users see: which model, which folder, which revision
+    model: Any
+    tok: Any
+    fmt: FormatParams
+    stops: list[int]
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one generation at a time
+
+
+def section(raw: dict, name: str, cls: type, where: str):
+    obj, problems = section_problems(raw.get(name), name, cls, {}, where)
+    if problems:
+        raise MedtuneError("; ".join(problems))
+    return obj
+
+
+def load_tuned(path: Path, adapter: bool, exp: str | None = None) -> tuple[ChatModel, ModelParams]:
+    """The fine-tuned model: a merged folder, or base + adapter merged in memory (faster generation)."""
+    if exp is None:
+        local, params, where = path, read_params()[0], f"{path} (workspace)"
+    else:
+        from medtune.experiments import from_revision
+
+        local, params, sha = from_revision(path, exp)
+        where = f"{path} @ {exp} ({sha[:7]})"
+    rc_file = local / "run_config.json"
+    if not rc_file.exists():
+        raise MedtuneError(f"{path}: no run_config.json (a folder written by the train or merge stage is expected)")
+    rc = json.loads(rc_file.read_text())
+    m = section(rc.get("params", {}), "model", ModelParams, str(rc_file))
+    fmt = section(params, "format", FormatParams, f"params.yaml of {where}")
+    if adapter:
+        if not (local / "adapter_model.safetensors").exists():
+            raise MedtuneError(f"{path}: no adapter_model.safetensors (run the train stage)")
+        base_path, _ = resolve_base(m)
+        model = load_adapter(load_model(base_path, m), local, m)
+        tok = load_tokenizer(base_path, m)
+    else:
+        if not (local / "config.json").exists():
+            raise MedtuneError(f"{path}: no config.json (a merged model folder from the merge stage is expected)")
+        model, tok = load_model(local, m), load_tokenizer(local, m)
+    base_name = rc.get("base_model", {}).get("base", m.base)
+    label = f"fine-tuned {base_name}: {'adapter' if adapter else 'merged model'} {where}"
+    return ChatModel(label, model.eval(), tok, fmt, stop_token_ids(tok, model)), m
+
+
+def load_base(m: ModelParams, fmt: FormatParams) -> ChatModel:
+    """The base model the adapter was trained on, prompted with the same template, for comparisons."""
+    base_path, identity = resolve_base(m)
+    model, tok = load_model(base_path, m).eval(), load_tokenizer(base_path, m)
+    return ChatModel(f"base {identity.get('base', m.base)} (not fine-tuned)", model, tok, fmt, stop_token_ids(tok, model))
+
+
+class Answer:
+    """A streamed answer. Checks the request when created (RequestError), generates in a thread when
+    iterated (yielding text pieces), then holds `finish_reason` ("stop" or "length") and token counts."""
+
+    def __init__(self, cm: ChatModel, question: str, cp: Limits, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None):
+        if not question.strip():
+            raise RequestError("the question is empty")
+        self.max_new_tokens = cp.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not 1 <= self.max_new_tokens <= cp.max_new_tokens_cap:
+            raise RequestError(f"max_tokens must be between 1 and {cp.max_new_tokens_cap} (--max-new-tokens-cap), "
+                               f"got {self.max_new_tokens}")
+        self.temperature = cp.temperature if temperature is None else temperature
+        self.top_p = cp.top_p if top_p is None else top_p
+        if not 0 <= self.temperature <= 2 or not 0 < self.top_p <= 1:
+            raise RequestError(f"temperature must be in [0, 2] and top_p in (0, 1], got {self.temperature} and {self.top_p}")
+        self.cm = cm
+        self.enc = cm.tok(question_prompt(cm.tok, cm.fmt, question), return_tensors="pt")
+        self.prompt_tokens = int(self.enc["input_ids"].shape[1])
+        if self.prompt_tokens > cp.max_prompt_tokens:
+            raise RequestError(f"the question is {self.prompt_tokens:,} prompt tokens, over --max-prompt-tokens "
+                               f"({cp.max_prompt_tokens:,})")
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.cancelled = threading.Event()  # set by cancel() or when the reader stops early: generation stops
+
+    def cancel(self) -> None:
+        """Stop generating at the next token (e.g. the HTTP client went away); safe from any thread."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        import torch
+        from transformers import (
+            StoppingCriteria,
+            StoppingCriteriaList,
+            TextIteratorStreamer,
+        )
+
+        class Cancelled(StoppingCriteria):
+            def __init__(self, event: threading.Event):
+                self.event = event
+
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        cm = self.cm
+        streamer = TextIteratorStreamer(cm.tok, skip_prompt=True, skip_special_tokens=True)
+        kw = dict(**self.enc.to(cm.model.device), max_new_tokens=self.max_new_tokens, streamer=streamer,
+                  eos_token_id=cm.stops, pad_token_id=cm.tok.pad_token_id, do_sample=self.temperature > 0)
+        if self.temperature > 0:
+            kw |= {"temperature": self.temperature, "top_p": self.top_p}
+        kw["stopping_criteria"] = StoppingCriteriaList([Cancelled(self.cancelled)])
+        result: dict = {}
+
+        def work():
+            try:
+                result["ids"] = cm.model.generate(**kw)
+            except BaseException as e:  # shown to the reader of the stream, not lost in the thread
+                result["error"] = e
+                streamer.end()
+
+        with cm.lock:
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            try:
+                for piece in streamer:
+                    if piece:
+                        yield piece
+            finally:
+                self.cancelled.set()
+                thread.join()
+        if "error" in result:
+            raise MedtuneError(f"generation failed: {type(result['error']).__name__}: {result['error']}")
+        new = result["ids"][0, self.prompt_tokens:].tolist()
+        self.completion_tokens = len(new)
+        self.finish_reason = "stop" if new and new[-1] in cm.stops else "length"
+
+
+def model_folder(model_dir: Path | None, adapter: Path | None, exp: str | None) -> Path:
+    """The one folder the --model / --adapter options name (the chat, ui and serve commands share them)."""
+    if (model_dir is None) == (adapter is None):
+        raise click.UsageError("give exactly one of --model (merged folder) or --adapter (adapter folder)")
+    path = model_dir or adapter
+    if exp is None and not path.is_dir():
+        raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
+    return path
+
+
+
+
+def limit_options(command):
+    """The generation options that chat, ui and serve share; the command gets them as one `limits` argument."""
+    import functools
+
+    from pydantic import ValidationError
+
+    @functools.wraps(command)
+    def wrapper(*args, **kw):
+        values = {k: kw.pop(k) for k in Limits.model_fields}
+        try:
+            kw["limits"] = Limits(**values)
+        except ValidationError as e:
+            raise click.UsageError("; ".join(f"--{'-'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+                                             if err["loc"] else str(err["ctx"]["error"]).replace("_", "-")
+                                             for err in e.errors())) from None
+        return command(*args, **kw)
+
+    options = [
+        click.option("--max-new-tokens", type=int, default=256, show_default=True, help="answer length when a request names none"),
+        click.option("--max-new-tokens-cap", type=int, default=1024, show_default=True,
+                     help="requests for more are refused: bounds how long one answer holds the machine"),
+        click.option("--max-prompt-tokens", type=int, default=1024, show_default=True,
+                     help="longer questions are refused before any generation"),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy, as in evaluation"),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="nucleus sampling mass when temperature > 0"),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper

@@ -1,0 +1,316 @@
+"""Fine-tuning with trl's SFTTrainer and a peft LoRA adapter: the trainer's configuration, the checks that the
+examples train as rendered, checkpoints for resuming, and the loss curves."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from medtune.attention import compile_decoder_layers, use_varlen_attention
+from medtune.console import MedtuneError
+from medtune.curves import curve_loggers
+from medtune.io import read_jsonl
+from medtune.models import device, load_model, load_tokenizer, resolve_base, set_seed, stop_token_ids
+from medtune.params import ModelParams, TrainParams
+from medtune.prompts import trained_tokens
+
+log = logging.getLogger("medtune.train")
+
+
+def under_fsdp() -> bool:
+    """Whether `accelerate launch` runs this process under an FSDP config (accelerate sets the variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def preflight(p: TrainParams) -> None:
+    """Fail before loading anything on combinations that cannot work here."""
+    if p.optim in ("adamw_8bit", "paged_adamw_8bit") and device() != "cuda":
+        raise MedtuneError(f"train.optim={p.optim} needs a CUDA GPU (bitsandbytes); on CPU use -S train.optim=adamw_torch")
+    if p.quantization != "none" and device() != "cuda":
+        raise MedtuneError(f"train.quantization={p.quantization} needs a CUDA GPU (bitsandbytes); on CPU use "
+                           "-S train.quantization=none (plain LoRA on the full-precision base)")
+    if p.liger_kernels and p.torch_compile:  # measured on an H200: dynamo fails inside Liger's RMSNorm
+        raise MedtuneError("train.liger_kernels and train.torch_compile do not work together (torch.compile fails on "
+                           "Liger's kernels); choose one: -S train.liger_kernels=false or -S train.torch_compile=false")
+    if under_fsdp() and p.quantization != "none":  # needs bnb_4bit_quant_storage and a different loading path; not built yet
+        raise MedtuneError(f"train.quantization={p.quantization} under FSDP is not supported: use DDP "
+                           "(configs/accelerate/ddp.yaml) for QLoRA, or quantization none with FSDP")
+    if under_fsdp() and p.torch_compile:
+        raise MedtuneError("train.torch_compile under FSDP is not supported (compiled layers are not verified with "
+                           "FSDP's sharding); use -S train.torch_compile=false, or DDP (configs/accelerate/ddp.yaml)")
+    if p.liger_kernels:
+        import importlib.util
+
+        if device() != "cuda":
+            raise MedtuneError("train.liger_kernels=true needs a CUDA GPU (Triton kernels); on CPU use -S train.liger_kernels=false")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise MedtuneError('train.liger_kernels=true needs the liger-kernel package: pip install -e ".[gpu]"')
+
+
+def check_examples(p: TrainParams, rows: list[dict], tok, stops: list[int], path: Path) -> None:
+    """Catch template/EOS mistakes before the model loads: every example fits max_length, the prompt tokenises
+    the same alone (as evaluation sees it) and before its answer (as training sees it), and each answer ends
+    with a token that stops generation, so the model learns to stop where evaluation expects it to."""
+    for i, (r, t) in enumerate(zip(rows, trained_tokens(tok, rows)), 1):
+        where = f"{path} line {i} (id {r.get('id', '?')})"
+        full = t["ids"]
+        if t["n_prompt"] >= p.max_length:
+            raise MedtuneError(f"{where}: the prompt alone is {t['n_prompt']} tokens, train.max_length={p.max_length} "
+                               "leaves no room for the answer; raise train.max_length or shorten format.system_prompt")
+        if len(full) > p.max_length:
+            raise MedtuneError(f"{where}: {len(full)} tokens > train.max_length={p.max_length}, so its end-of-turn token "
+                               "would be cut; raise train.max_length or lower format.max_length")
+        if not t["prefix_ok"]:
+            raise MedtuneError(f"{where}: the prompt tokenises differently before its answer than alone, so evaluation "
+                               "would prompt the model differently from training; the template must end the prompt on a "
+                               "token boundary (e.g. a newline)")
+        if full[-1] not in stops and not r.get("cut_at_max_length"):  # format.overflow=cut loses it on purpose
+            raise MedtuneError(f"{where}: the answer ends with {tok.convert_ids_to_tokens(full[-1])!r}, not a token that stops "
+                               f"generation ({', '.join(tok.convert_ids_to_tokens(stops))}); the model would never learn to "
+                               "stop: check model.chat_template / format.template")
+
+
+def check_trainer_examples(trainer, rows: list[dict], tok, n: int = 8) -> None:
+    """The examples exactly as the trainer will see them (after trl's tokenisation): the answer tokens, and
+    only they, carry loss, including the end-of-turn token (prompts.trained_tokens is the rule)."""
+    ds = trainer.train_dataset
+    if "completion_mask" not in ds.column_names or "seq_lengths" in ds.column_names:  # packed: checked per example above
+        return
+    for i, t in enumerate(trained_tokens(tok, rows[:n])):
+        ids, mask = ds[i]["input_ids"], ds[i]["completion_mask"]
+        if ids != t["ids"] or sum(mask[: t["n_prompt"]]) or not all(mask[t["n_prompt"]:]):
+            raise MedtuneError(f"train example {i + 1} (id {rows[i].get('id', '?')}): trl's tokenisation or loss mask differs "
+                               "from the rendered prompt/completion; the answer would not be trained as rendered")
+
+
+@contextlib.contextmanager
+def lm_head_tile(width: int | None):
+    """trl's fused LM-head loss projects the hidden states onto the vocabulary in tiles of 4096 tokens x `width`
+    entries (trl's default 32768: a 256 MiB bf16 buffer), so it never builds the whole logits. A narrower tile
+    lowers the peak memory where a large vocabulary dominates it (gemma-3-270m: 262k entries, 640 wide). trl keeps
+    the width in a module constant: set for the duration of the block, restored after."""
+    if width is None:
+        yield
+        return
+    import trl.trainer.utils as trl_utils
+
+    if not isinstance(getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None), int):
+        raise MedtuneError(f"train.lm_head_tile={width}: this trl version has no fused LM-head tile width to set; "
+                           "use -S train.lm_head_tile=null")
+    default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = width
+    try:
+        yield
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = default
+
+
+def quantization_config(p: TrainParams):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if p.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def lora_config(p: TrainParams):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout,
+        bias=p.lora_bias,
+        target_modules=p.target_modules[0] if list(p.target_modules) == ["all-linear"] else list(p.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
+    """The trl SFTConfig of the `train` stage (also used by benchmarks/bench_train.py)."""
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum,
+        learning_rate=p.learning_rate,
+        lr_scheduler_type=p.lr_scheduler,
+        warmup_steps=p.warmup if p.warmup < 1 else int(p.warmup),  # trl: a float below 1 is a ratio of the steps
+        weight_decay=p.weight_decay,
+        optim=p.optim,
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps,
+        gradient_checkpointing=p.gradient_checkpointing,
+        auto_find_batch_size=p.auto_find_batch_size,
+        packing=p.packing,
+        padding_free=p.padding_free or p.packing,
+        pad_to_multiple_of=p.pad_to_multiple_of,
+        neftune_noise_alpha=p.neftune_noise_alpha,
+        # trl applies Liger's layer kernels only (its own chunked LM-head loss already avoids the full logits)
+        use_liger_kernel=p.liger_kernels,
+        eval_strategy="steps" if p.eval_steps else "no",
+        eval_steps=p.eval_steps or None,
+        save_strategy="steps" if p.save_steps else "no",
+        save_steps=p.save_steps or 500,
+        save_total_limit=2,
+        load_best_model_at_end=p.load_best_model,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=p.logging_steps,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        report_to="none",
+        # check_examples made sure no example is longer, so nothing is truncated; trl refuses a max_length it
+        # would not enforce (padding-free without packing)
+        max_length=p.max_length if p.packing or not p.padding_free else None,
+        completion_only_loss=True,
+        eos_token=eot,  # the completion already ends with it, so trl adds nothing
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: skip DDP's per-step search for unused ones
+    )
+
+
+def fingerprint(*objs, data_file: Path) -> str:
+    h = hashlib.sha256(json.dumps([o.model_dump() for o in objs], sort_keys=True).encode())
+    h.update(data_file.read_bytes())
+    return h.hexdigest()
+
+
+def last_checkpoint(ckpt_dir: Path, fp: str) -> None:
+    """Keep ckpt_dir if it holds checkpoints of an interrupted run with the same params and data (training
+    resumes from the last one); otherwise clear it for a fresh start. A finished run removes its checkpoints."""
+    stamp = ckpt_dir / "fingerprint.txt"
+    if stamp.exists() and stamp.read_text() == fp and any(ckpt_dir.glob("checkpoint-*")):
+        return
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ckpt_dir.mkdir(parents=True)
+    stamp.write_text(fp)
+
+
+def complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The last checkpoint that was fully written. A kill during a save leaves a checkpoint folder without
+    trainer_state.json, which the Trainer writes last; resuming from it would fail."""
+    done = [c for c in ckpt_dir.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@dataclasses.dataclass
+class Fitted:
+    """A finished training run: what the train stage saves and reports."""
+    trainer: object
+    tok: object
+    identity: dict  # the base model's identity (models.resolve_base)
+    metrics: dict
+    history: list[dict]
+    adapter_state: dict | None  # the gathered adapter weights under FSDP; None otherwise
+    main_process: bool  # under `accelerate launch`, only the main process writes outputs
+
+
+def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Path, curves_dir: Path,
+        callbacks: tuple = ()) -> Fitted:
+    """Train a LoRA adapter on data_dir/{train,val}.jsonl: checks first, then the model, then trl's SFTTrainer.
+    Resumes from a checkpoint in ckpt_dir left by an interrupted run with the same params and data; the main
+    process logs the curves to curves_dir (dvclive)."""
+    preflight(p)
+    import datasets
+    import torch
+    from accelerate import PartialState
+    from trl import SFTTrainer
+
+    set_seed(seed)
+    base_path, identity = resolve_base(m)
+    tok = load_tokenizer(base_path, m)
+    rows = {split: read_jsonl(data_dir / f"{split}.jsonl") for split in ("train", "val")}
+    stops = stop_token_ids(tok)
+    for split, split_rows in rows.items():
+        check_examples(p, split_rows, tok, stops, data_dir / f"{split}.jsonl")
+    first = rows["train"][0]
+    eot = tok.convert_ids_to_tokens(tok(first["prompt"] + first["completion"])["input_ids"][-1])  # what answers end with
+    train_ds, val_ds = (datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "completion")} for r in rows[s]])
+                        for s in ("train", "val"))
+    cuda = device() == "cuda"
+    # Under `accelerate launch` every process runs this function, each on its own device; only the main one
+    # touches the outputs.
+    state = PartialState(cpu=not cuda)  # cpu=True: gloo across CPU processes under `accelerate launch`
+    fsdp = under_fsdp()  # each process loads to host memory and FSDP moves only its shard to its GPU
+    if p.quantization == "none":
+        model = load_model(base_path, m, on="cpu" if fsdp else state.device)
+    else:  # QLoRA / 8-bit: the frozen base is quantized by bitsandbytes on load; trl prepares it for k-bit training
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization_config(p), dtype=torch.bfloat16,
+                                                     device_map={"": state.local_process_index}, trust_remote_code=m.trust_remote_code,
+                                                     use_safetensors=True)
+    if p.padding_free or p.packing:  # per-sequence attention; SDPA would attend over the whole flattened batch
+        use_varlen_attention(model)
+    if p.torch_compile:
+        compile_decoder_layers(model)
+    if state.is_main_process:
+        last_checkpoint(ckpt_dir, fingerprint(p, m, data_file=data_dir / "train.jsonl") + str(seed))
+    state.wait_for_everyone()
+    resume = complete_checkpoint(ckpt_dir) if p.save_steps > 0 else None
+    trainer = SFTTrainer(model=model, args=sft_config(p, seed, ckpt_dir, eot, cuda), train_dataset=train_ds,
+                         eval_dataset=val_ds, processing_class=tok, peft_config=lora_config(p),
+                         callbacks=[*(curve_loggers(curves_dir) if state.is_main_process else []), *callbacks])
+    check_trainer_examples(trainer, rows["train"], tok)
+    trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with lm_head_tile(p.lm_head_tile):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        wall = time.perf_counter() - t0
+        eval_loss = trainer.evaluate()["eval_loss"]  # of the weights being saved (the best ones with load_best_model)
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [(h["eval_loss"], h["step"]) for h in history if "eval_loss" in h]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    metrics = {
+        "train_loss": round(float(result.training_loss), 4),
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "best_train_loss": round(min(losses), 4) if losses else None,
+        "eval_loss": round(float(eval_loss), 4),
+        "best_eval_loss": round(min(evals)[0], 4),
+        "best_eval_step": min(evals)[1],
+        "batch_size": trainer._train_batch_size,  # differs from train.batch_size if auto_find_batch_size lowered it
+        "steps": trainer.state.global_step,
+        "tokens_trained": tokens,
+        "tokens_per_s": round(tokens / wall, 1),
+        "wall_s": round(wall, 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "trainable_params": trainable,
+        "attn_implementation": model.config._attn_implementation,
+        "torch_compile": p.torch_compile,
+        "resumed": bool(resume),
+        "processes": state.num_processes,
+    }
+    log.info("world size %d, process %d: %s steps done", state.num_processes, state.process_index, metrics["steps"])
+    adapter_state = None
+    if trainer.is_fsdp_enabled:  # the weights are sharded across processes: every process joins in gathering them
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        adapter_state = trainer.accelerator.get_state_dict(trainer.model)
+    return Fitted(trainer, tok, identity, metrics, history, adapter_state, state.is_main_process)
