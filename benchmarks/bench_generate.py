@@ -1,4 +1,4 @@
-"""Evaluation-generation benchmark: the `evaluate` stage's batched generation (medtune.stages.evaluate.generate:
+"""Evaluation-generation benchmark: the `evaluate` stage's batched generation (medtune.generation.greedy:
 prompts sorted by length, left padding, batch of `--batch`) against a one-question-at-a-time loop and a
 plain unsorted batch-64 loop (and, on a GPU, with cuDNN attention off and with a static KV cache), on the same model and test questions, greedy, in one process.
 
@@ -43,14 +43,15 @@ def main(model_dir: Path, data: Path, out: Path, n: int, max_new_tokens: int, ba
     import torch
     from transformers import AutoModelForCausalLM
 
-    from medtune.common import parse_section, read_jsonl, read_params_file
-    from medtune.stages.evaluate import EvaluateParams, generate
-    from medtune.stages.format import FormatParams, render
-    from medtune.modeling import ModelParams, device_name, load_tokenizer, stop_token_ids, versions
+    from medtune import params
+    from medtune.generation import greedy
+    from medtune.io import read_jsonl
+    from medtune.models import device_name, load_tokenizer, stop_token_ids, versions
+    from medtune.params import ModelParams
+    from medtune.prompts import render
 
     repo = Path(__file__).resolve().parent.parent
-    fmt, errs = parse_section(read_params_file(repo / "params.yaml")["format"], "format", FormatParams)
-    assert not errs, errs
+    (fmt,) = params.load("format", path=repo / "params.yaml")
     m = ModelParams(base=str(model_dir), revision=None, chat_template="gemma3_base", trust_remote_code=False)
     tok = load_tokenizer(model_dir, m)
     rows = read_jsonl(data)[-n:]  # the end of the pool: other questions than bench_train's
@@ -59,8 +60,6 @@ def main(model_dir: Path, data: Path, out: Path, n: int, max_new_tokens: int, ba
     dev = "cuda" if cuda else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(dev).eval()
     stops = stop_token_ids(tok, model)
-    p = EvaluateParams(max_examples=0, max_new_tokens=max_new_tokens, batch_size=batch, bootstrap_samples=100,
-                       confidence=0.95, bertscore_model=None, choice_max_examples=0)
 
     def plain(batch_prompts, **kw):
         tok.padding_side = "left"
@@ -71,15 +70,15 @@ def main(model_dir: Path, data: Path, out: Path, n: int, max_new_tokens: int, ba
         return [tok.decode([t for t in row if t not in stops and t != tok.pad_token_id], skip_special_tokens=True).strip()
                 for row in g[:, enc["input_ids"].shape[1]:].tolist()]
 
-    generate(model, tok, prompts[:64], p)  # warm-up (CUDA kernels, allocator)
+    greedy(model, tok, prompts[:64], max_new_tokens, batch)  # warm-up (CUDA kernels, allocator)
     result = {"device": device_name(), "versions": versions(), "command": " ".join(sys.argv),
               "n": n, "max_new_tokens": max_new_tokens, "batch": batch}
-    ours, result["medtune_generate_s"] = timed(lambda: generate(model, tok, prompts, p))
+    ours, result["medtune_generate_s"] = timed(lambda: greedy(model, tok, prompts, max_new_tokens, batch))
     out.write_text(json.dumps(result, indent=2) + "\n")  # each figure as soon as it is measured
     if cuda:  # cuDNN's attention builds a plan for every new sequence length: off for everything below
         torch.backends.cuda.enable_cudnn_sdp(False)
-        generate(model, tok, prompts[:64], p)
-        ours_nocudnn, result["medtune_generate_no_cudnn_sdp_s"] = timed(lambda: generate(model, tok, prompts, p))
+        greedy(model, tok, prompts[:64], max_new_tokens, batch)
+        ours_nocudnn, result["medtune_generate_no_cudnn_sdp_s"] = timed(lambda: greedy(model, tok, prompts, max_new_tokens, batch))
         result["no_cudnn_same_answers_as_cudnn"] = f"{sum(a['answer'] == b['answer'] for a, b in zip(ours, ours_nocudnn))}/{n}"
         out.write_text(json.dumps(result, indent=2) + "\n")
     _, result["plain_batch64_loop_s"] = timed(lambda: [plain(prompts[i : i + 64]) for i in range(0, n, 64)])

@@ -133,7 +133,7 @@ def run_recipe(name: str, model_dir: Path, data: Path, work: Path, steps: int) -
 @click.option("--recipe", "names", multiple=True, type=click.Choice(list(RECIPES)), help="default: all five")
 @click.option("--models", default="/tmp/bench-models", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 def main(out: Path, data: Path, steps: int, names: tuple[str, ...], models: Path) -> None:
-    from medtune.common import read_jsonl
+    from medtune.io import read_jsonl
 
     rows = read_jsonl(data)
     words = sorted({w for r in rows for t in (r["question"], r["answer"]) for w in t.lower().split()} | {"user", "model"})

@@ -9,7 +9,7 @@ Llama-3.2-1B-shaped model with random weights: speed does not depend on the weig
 linear layers, bf16:
 - baseline: trl's defaults (padded batches, or packed rows in llama2048; gradient checkpointing on and LoRA
             dropout 0.05, as trl and peft set them);
-- medtune:  the `train` stage's own SFTConfig (medtune.stages.train.sft_config) with `recipes/gpu.yaml`'s params;
+- medtune:  the `train` stage's own SFTConfig (medtune.training.sft_config) with `recipes/gpu.yaml`'s params;
 - variants: the recipe with some params changed (--variant NAME=JSON).
 Reported per run: non-padding tokens/s (over all timed steps, and steady: without the steps that compiled a
 kernel for a new shape, see StepTimer), padding share, MFU (steady), peak GPU memory during training (reset when
@@ -23,7 +23,6 @@ attention is 2 matmuls of s x d_attn per token forward (x3 with backward, /2 for
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import sys
@@ -45,11 +44,11 @@ def tokenized_pool(data: Path, tok, n: int, max_answer_tokens: int, vocab_cap: i
     """MedQuAD rows rendered exactly as the format stage does (params.yaml's format section: same template, same
     answer cut), tokenized as trl tokenizes prompt/completion pairs. `vocab_cap` folds ids into a smaller
     vocabulary for a model of another shape (speed depends on shapes and lengths, not on which ids they are)."""
-    from medtune.common import parse_section, read_jsonl, read_params_file
-    from medtune.stages.format import FormatParams, format_row
+    from medtune import params
+    from medtune.io import read_jsonl
+    from medtune.prompts import format_row
 
-    fmt, errs = parse_section(read_params_file(REPO / "params.yaml")["format"], "format", FormatParams)
-    assert not errs, errs
+    (fmt,) = params.load("format", path=REPO / "params.yaml")
     rows = []
     for i, r in enumerate(read_jsonl(data)[:n]):
         out = format_row(tok, fmt, {"id": str(i), "question": r["question"], "answer": r["answer"]}, max_answer_tokens)
@@ -132,8 +131,8 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     import torch
     from trl import SFTTrainer
 
-    from medtune.stages import train
-    from medtune.modeling import compile_decoder_layers, use_varlen_attention
+    from medtune.attention import compile_decoder_layers, use_varlen_attention
+    from medtune.training import lm_head_tile as set_lm_head_tile
 
     cuda = torch.cuda.is_available()
     gc.collect()
@@ -143,7 +142,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
         # cuDNN's SDPA kernel builds a plan per new shape (seconds each); off, SDPA uses the other fused kernels
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
     model = model_fn(quantization)
-    if attn == "varlen":  # what the train stage sets for padding-free rows (medtune.modeling.use_varlen_attention)
+    if attn == "varlen":  # what the train stage sets for padding-free rows (medtune.attention.use_varlen_attention)
         use_varlen_attention(model)
     elif attn:  # another attention kernel, e.g. sdpa over the flattened row, or flex_attention (ships with torch)
         model.set_attn_implementation(attn)
@@ -157,7 +156,7 @@ def run_one(name: str, model_fn, tok, rows, args, peft_config, steps: int, warmu
     if cuda:  # the peak of training itself, as the train stage reports it (its load peak is recorded apart)
         static = torch.cuda.memory_allocated() / gib  # weights, adapter: what training starts from
         torch.cuda.reset_peak_memory_stats()
-    with train.lm_head_tile(lm_head_tile):  # train.lm_head_tile, as the train stage applies it
+    with set_lm_head_tile(lm_head_tile):  # train.lm_head_tile, as the train stage applies it
         out = trainer.train()
     n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_frozen = matmul_params(trainer.model)
@@ -235,19 +234,21 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig
 
-    from medtune.stages import train
-    from medtune.common import parse_section, read_params_file
-    from medtune.modeling import ModelParams, device_name, end_of_turn, load_tokenizer, versions
+    from medtune import params
+    from medtune import training as train
+    from medtune.models import device_name, end_of_turn, load_tokenizer, versions
+    from medtune.params import ModelParams, TrainParams
+    from medtune.strict import section_problems
 
     m = ModelParams(base=str(model_dir), revision=None, chat_template=template, trust_remote_code=False)
     tok = load_tokenizer(model_dir, m)
     eot = end_of_turn(tok)
-    section = read_params_file(REPO / "params.yaml")["train"] | read_params_file(REPO / "recipes" / "gpu.yaml")["train"]
-    recipe, errs = parse_section(section, "train", train.TrainParams)
+    section = params.read(REPO / "params.yaml")[0]["train"] | params.read(REPO / "recipes" / "gpu.yaml")[0]["train"]
+    recipe, errs = section_problems(section, "train", TrainParams, {}, "params.yaml + recipes/gpu.yaml")
     assert not errs, errs
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
-    fields = {f.name for f in dataclasses.fields(train.TrainParams)}
+    fields = set(TrainParams.model_fields)
 
     def runs_for(suite: str, bs: int, max_length: int, packing: bool):
         """(name, SFTConfig, LoraConfig, run_one's keyword arguments) for the baseline, the recipe and the variants."""
@@ -257,15 +258,15 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
                        completion_only_loss=True)
         baseline = SFTConfig(output_dir=f"/tmp/bench-{suite}-baseline", **base_kw)  # trl's defaults otherwise
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-        ours_p = dataclasses.replace(recipe, max_steps=steps + warmup, batch_size=bs, grad_accum=1, save_steps=0, eval_steps=0,
-                                     max_length=max_length, packing=packing)
+        ours_p = recipe.model_copy(update=dict(max_steps=steps + warmup, batch_size=bs, grad_accum=1, save_steps=0, eval_steps=0,
+                                               max_length=max_length, packing=packing))
         out = [("baseline: trl defaults", baseline, lora, {})]  # run_one's defaults: trl's own choices
         specs = [("medtune", {})] + [tuple(v.split("=", 1)) for v in variants]
         for name, changes in specs:
             changes = json.loads(changes) if isinstance(changes, str) else changes
             if ":" in name and not suite.startswith(name.split(":")[0]):
                 continue
-            p = dataclasses.replace(ours_p, **{k: v for k, v in changes.items() if k in fields})
+            p = ours_p.model_copy(update={k: v for k, v in changes.items() if k in fields})
             cfg = train.sft_config(p, seed=0, ckpt_dir=Path(f"/tmp/bench-{suite}-{name}"), eot=eot, cuda=cuda)
             cfg.logging_steps, cfg.completion_only_loss = 1, True  # pre-tokenized rows carry a completion_mask
             for k, v in changes.items():
@@ -281,7 +282,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
     def gemma(quantization: str):
         if quantization == "none":
             return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(dev)
-        q = train.quantization_config(dataclasses.replace(recipe, quantization=quantization))
+        q = train.quantization_config(recipe.model_copy(update={"quantization": quantization}))
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=q, device_map={"": 0})
 
     def llama(quantization: str):
@@ -295,7 +296,7 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
         return model
 
     results = {"device": device_name(), "versions": versions(), "command": " ".join(sys.argv),
-               "recipe": dataclasses.asdict(recipe), "runs": []}
+               "recipe": recipe.model_dump(), "runs": []}
     for suite in suites or list(SUITES):
         label, bs, max_length, packing = SUITES[suite]
         need = 4 * bs * (steps + warmup + 2) * (max_length // 512 if packing else 1)  # packed rows hold ~4-6 examples

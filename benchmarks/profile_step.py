@@ -6,7 +6,6 @@ Run as (GPU):  python benchmarks/profile_step.py --model /tmp/models/gemma-3-270
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,17 +29,19 @@ def main(model_dir: Path, data: Path, out: Path, padding_free: bool, logging_ste
     from trl import SFTTrainer
 
     from benchmarks.bench_train import tokenized_pool
-    from medtune.stages import train
-    from medtune.common import parse_section, read_params_file
-    from medtune.modeling import ModelParams, end_of_turn, load_tokenizer, use_varlen_attention
+    from medtune import params
+    from medtune import training as train
+    from medtune.attention import use_varlen_attention
+    from medtune.models import end_of_turn, load_tokenizer
+    from medtune.params import ModelParams, TrainParams
 
     repo = Path(__file__).resolve().parent.parent
     m = ModelParams(base=str(model_dir), revision=None, chat_template="gemma3_base", trust_remote_code=False)
     tok = load_tokenizer(model_dir, m)
     rows = tokenized_pool(data, tok, 16 * 14, max_answer_tokens=448)
-    section = read_params_file(repo / "params.yaml")["train"] | read_params_file(repo / "recipes" / "gpu.yaml")["train"]
-    recipe = dataclasses.replace(parse_section(section, "train", train.TrainParams)[0], max_steps=12, save_steps=0,
-                                 eval_steps=0, padding_free=padding_free, logging_steps=logging_steps)
+    section = params.read(repo / "params.yaml")[0]["train"] | params.read(repo / "recipes" / "gpu.yaml")[0]["train"]
+    recipe = TrainParams(**section).model_copy(update=dict(max_steps=12, save_steps=0, eval_steps=0,
+                                                            padding_free=padding_free, logging_steps=logging_steps))
     args = train.sft_config(recipe, 0, Path("/tmp/prof-ckpt"), end_of_turn(tok), cuda=True)
     args.completion_only_loss = True
     lines = []

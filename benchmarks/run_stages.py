@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 @click.option("--only", default="", help="comma-separated stage names; default: all")
 @click.option("--times", type=click.Path(dir_okay=False, path_type=Path))
 def main(recipe: Path | None, sets: tuple[str, ...], only: str, times: Path | None) -> None:
-    from medtune.tools.validate import check_all
+    from medtune.params import check_all
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     if recipe:

@@ -42,7 +42,7 @@ def main(out: Path, force: bool) -> None:
     total = time.perf_counter() - t0
     if stages:
         stages[-1]["seconds"] = round(time.perf_counter() - last, 1)
-    from medtune.modeling import device_name, versions
+    from medtune.models import device_name, versions
 
     metrics = {name: json.loads(Path(f"metrics/{name}.json").read_text()) for name in ("train", "eval_base", "eval_tuned", "merge")}
     result = {"command": " ".join(["dvc", "repro"] + (["--force"] if force else [])), "machine": device_name(),

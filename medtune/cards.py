@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from medtune.console import MedtuneError
 from medtune.io import read_json, write_text_atomic
@@ -105,11 +106,17 @@ def model_card(model_dir: Path, kind: str, inp: CardInputs) -> str:
     table, _, tuned_m = eval_table(inp)
     facts = data_facts(inp.data_card)
     train = params.get("train", {})
-    meta = {"license": license_id or "other", "language": [inp.params.language], "pipeline_tag": "text-generation",
-            "library_name": "peft" if kind == "adapter" else "transformers",
-            "tags": ["medtune", "medical", "question-answering", "lora"] + (["peft"] if kind == "adapter" else ["merged"])}
-    if hub:
-        meta["base_model"] = hub
+    n = metric(tuned_m, "n", inp.eval_tuned)
+    # the card's metadata as the Hub reads it: ModelCardData, with the evaluation as model-index results
+    card_data = ModelCardData(
+        license=license_id or "other", language=[inp.params.language], pipeline_tag="text-generation",
+        library_name="peft" if kind == "adapter" else "transformers", base_model=hub,
+        tags=["medtune", "medical", "question-answering", "lora"] + (["peft"] if kind == "adapter" else ["merged"]),
+        model_name=f"{base_name} medtune {kind}",
+        eval_results=[EvalResult(task_type="text-generation", task_name="Medical question answering",
+                                 dataset_type="medtune-test-split", dataset_name=f"held-out test questions (n = {n})",
+                                 dataset_split="test", metric_type=key, metric_name=label,
+                                 metric_value=metric(tuned_m, key, inp.eval_tuned)) for key, label in METRICS])
     license_line = (f"License: `{license_id}`, the base model's, which these weights inherit." if license_id else
                     f"License: not recorded for `{base_name}` in params.yaml `card.licenses`: check the base model's "
                     "license before sharing these weights.")
@@ -126,9 +133,8 @@ def model_card(model_dir: Path, kind: str, inp: CardInputs) -> str:
     data = "\n".join(f"- **{k}:** {v}" for k, v in facts.items())
     params_yaml = yaml.safe_dump(params | {"format": inp.fmt.model_dump()}, sort_keys=True).strip()
     versions = ", ".join(f"{k} {v}" for k, v in sorted(rc.get("versions", {}).items()))
-    n = metric(tuned_m, "n", inp.eval_tuned)
-    return f"""---
-{yaml.safe_dump(meta, sort_keys=False).strip()}
+    return ModelCard(f"""---
+{card_data.to_yaml()}
 ---
 
 # {base_name} fine-tuned for medical question answering ({kind})
@@ -176,7 +182,7 @@ hyperparameters, and demonstrating the pipeline. Answers are for reading by peop
 - {metric(tuned_m, 'runaway_rate', inp.eval_tuned):.0%} of the test answers ran to the token limit without ending.
 - Limited to the language ({inp.params.language}), topics and question types of the training data, and to
   what that data knew when it was written; see its known issues above.
-"""
+""").content
 
 
 def write_model_card(model_dir: Path, kind: str, inp: CardInputs, out: Path | None = None) -> Path:

@@ -153,7 +153,7 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         optim=p.optim,
         num_train_epochs=p.epochs,
         max_steps=p.max_steps,
-        gradient_checkpointing=p.gradient_checkpointing,
+        activation_checkpointing=p.gradient_checkpointing,  # transformers 5 renamed gradient_checkpointing
         auto_find_batch_size=p.auto_find_batch_size,
         packing=p.packing,
         padding_free=p.padding_free or p.packing,

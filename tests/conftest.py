@@ -99,3 +99,65 @@ def repo_copy(tmp_path, tiny_model) -> Path:
                 ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dst, check=True, env=env)
     return dst
+
+
+@pytest.fixture(scope="session")
+def formatted(tmp_path_factory, tiny_model) -> Path:
+    """The tiny fixture rows through fetch, clean, split and format: data/formatted of the tiny model."""
+    from medtune.stages import clean, fetch, split
+    from medtune.stages import format as format_stage
+    from medtune import params as P
+    from tests.helpers import BASE, model_params, section
+
+    d = tmp_path_factory.mktemp("data")
+    fetch.run(section(P.FetchParams, tiny_model, "fetch", source=str(ASSETS / "medquad_tiny.jsonl")), BASE, d / "raw")
+    clean.run(section(P.CleanParams, tiny_model, "clean"), d / "raw", d / "clean")
+    split.run(section(P.SplitParams, tiny_model, "split"), BASE, d / "clean", d / "split")
+    format_stage.run(section(P.FormatParams, tiny_model, "format"), model_params(tiny_model), d / "split", d / "fmt")
+    return d / "fmt"
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so tuned and base answers differ; saved like train's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medtune.io import write_json
+    from medtune.models import load_model, load_tokenizer
+    from tests.helpers import model_params
+
+    out = tmp_path_factory.mktemp("adapter")
+    m = model_params(tiny_model)
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(tiny_model, m), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+    model.save_pretrained(out)
+    load_tokenizer(tiny_model, m).save_pretrained(out)
+    (out / "README.md").write_text("peft's placeholder card\n")
+    write_json(out / "run_config.json", {
+        "params": {"base": {"seed": 3}, "model": {"base": str(tiny_model), "revision": None, "chat_template": "gemma3_base",
+                                                  "trust_remote_code": False},
+                   "train": {"lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "max_steps": 4,
+                             "quantization": "none"}},
+        "base_model": {"base": str(tiny_model), "kind": "local"}, "versions": {"peft": "test"}, "device": "cpu"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory, tiny_model) -> Path:
+    """A folder to run the commands in: params.yaml (the repository's, shrunk), eval metrics and a data card."""
+    from medtune.io import write_json
+
+    d = tmp_path_factory.mktemp("use")
+    p = tiny_params(tiny_model)
+    p["card"].update(hub_ids={str(tiny_model): "medtune/tiny-llama"}, licenses={"medtune/tiny-llama": "apache-2.0"})
+    (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    ci = [0.1, 0.3]
+    for name, extra in (("eval_base", {}), ("eval_tuned", {f"delta_{k}": 0.05 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
+                                          | {f"delta_{k}_ci": [0.01, 0.09] for k in ("rougeL", "rouge1", "rouge2", "token_f1")})):
+        write_json(d / "metrics" / f"{name}.json", {"n": 7, "runaway_rate": 0.25, "repetition_rate": 0.5, "referral_rate": 0.125} | extra
+                   | {k: 0.2 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
+                   | {f"{k}_ci": ci for k in ("rougeL", "rouge1", "rouge2", "token_f1")})
+    (d / "DATA_CARD.md").write_text((REPO / "data" / "source" / "DATA_CARD.md").read_text())
+    return d

@@ -1,4 +1,4 @@
-"""`python -m medtune.tools.check`, the CI gate on pulled artifacts: run the pipeline in one clone, `dvc push` to a
+"""`medtune check`, the CI gate on pulled artifacts: run the pipeline in one clone, `dvc push` to a
 local remote, `git clone` + `dvc pull` into a second clone, and check there without retraining. Then tamper
 with a pulled file, with a metric, and raise a threshold: each fails with a message naming what failed.
 """
@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from medtune.tools import check
 from tests.conftest import REPO
-from tests.test_pipeline import dvc
+from tests.helpers import dvc
 
 # the tiny model's 4 test answers are near-random: thresholds that its run meets, so the test is about the gate
 TINY_CHECK = ["--min-delta", "-1", "--allow-ci-with-zero", "--min-test-questions", "1", "--max-runaway-rate", "1",

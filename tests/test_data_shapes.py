@@ -23,6 +23,7 @@ from medtune.stages import split
 from medtune.io import read_jsonl
 from medtune.splitting import SPLITS
 from tests.conftest import ASSETS, REPO, tiny_params
+from tests.helpers import dvc, ran
 
 # README source paths -> the samples in tests/assets (see tests/assets/README.md)
 SAMPLES = {"data/source/medquad_xml": ASSETS / "medquad_xml", "data/source/chatdoctor.jsonl": ASSETS / "chatdoctor_tiny.jsonl",
@@ -185,7 +186,6 @@ CHECKS = {name: globals()[f"check_{name}"] for name in SHAPES}
 
 def test_report_figures_show_in_dvc_exp_show(repo_copy):
     """`dvc repro report` runs only the data stages; `dvc exp show` lists the report's key figures."""
-    from tests.test_pipeline import dvc, ran
 
     assert ran(dvc(repo_copy, "repro", "report")) == {"fetch", "clean", "split", "format", "report"}
     shown = json.dumps(json.loads(dvc(repo_copy, "exp", "show", "--json")))

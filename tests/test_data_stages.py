@@ -19,38 +19,13 @@ from medtune.console import MedtuneError
 from medtune.io import read_jsonl
 from medtune.cleaning import normalise
 from medtune.dedup import NearDups
-from medtune.params import CleanParams, FetchParams, FormatParams, ReportParams, SplitParams, TrainParams
+from medtune.params import ReportParams, TrainParams
 from medtune import splitting
 from medtune.splitting import SPLITS, answer_sig, group_rows
 from tests.conftest import ASSETS, tiny_params
+from tests.helpers import COLUMNS, clean_params, fetch_params, format_params, split_params
 
 BASE = BaseParams(seed=7)
-COLUMNS = {"question": "question", "answer": "answer", "focus": "focus", "source": "source", "url": "url"}
-REPEAT = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())["clean"]["explanation_repeat_regex"]
-DISCLAIMER = {"enabled": False, "text": "Not medical advice; see a clinician.", "position": "end", "fraction": 1.0}
-
-
-def fetch_params(source, **kw) -> FetchParams:
-    return FetchParams(**{"source": str(source), "revision": None, "subset": None, "split": "train", "columns": COLUMNS,
-                                "id_column": "id", "option_columns": [], "fixed_options": [], "answer_key": "letter",
-                                "mix": [], "max_rows": None} | kw)
-
-
-def clean_params(**kw) -> CleanParams:
-    return CleanParams(**{"min_question_chars": 10, "max_question_chars": 2000, "min_answer_chars": 40,
-                                "max_answer_chars": 4000, "dedupe": True, "near_dup_threshold": 0.9,
-                                "strip_boilerplate": [], "explanation_repeat_regex": REPEAT, "select_longest": None,
-                                "select_field": "explanation", "phi": "keep", "max_drop_frac": 0.5} | kw)
-
-
-def split_params(**kw) -> SplitParams:
-    return SplitParams(**{"val_frac": 0.2, "test_frac": 0.2, "group_by": ["focus", "url"], "near_dup_threshold": 0.9,
-                                "test_sources": []} | kw)
-
-
-def format_params(**kw) -> FormatParams:
-    return FormatParams(**{"template": "chat", "system_prompt": "", "max_answer_tokens": 48, "max_length": 96,
-                                        "overflow": "drop", "disclaimer": DISCLAIMER} | kw)
 
 
 @pytest.fixture

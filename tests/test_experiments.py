@@ -1,5 +1,5 @@
 """Experiments as the README runs them: a queued sweep (`dvc exp run --queue` with a grid, then
-`dvc exp run --run-all`) on the tiny model, compared by `python -m medtune.tools.compare` on the real
+`dvc exp run --run-all`) on the tiny model, compared by `medtune compare` on the real
 `dvc exp show --json` output; and the reference recipes in recipes/: each validates against params.yaml, and a
 CPU-sized version of each runs through the data stages and two training steps.
 """
@@ -26,7 +26,7 @@ from medtune.tools import validate
 from medtune.tools import recipe as recipe_cli
 from medtune.io import read_jsonl
 from tests.conftest import ASSETS, REPO, tiny_params
-from tests.test_pipeline import dvc
+from tests.helpers import dvc
 
 
 def exp_runs(shown: list) -> dict[str, dict]:

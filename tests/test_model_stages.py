@@ -13,49 +13,22 @@ import torch
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
-from medtune.stages import clean
 from medtune.stages import evaluate
-from medtune.stages import fetch
-from medtune.stages import format as format_stage
 from medtune.stages import merge
-from medtune.stages import split
 from medtune.stages import train
-from medtune.params import BaseParams
 from medtune.console import MedtuneError
 from medtune.io import read_jsonl
-from medtune.params import ModelParams
 from medtune import choice
 from medtune.choice import choice_inputs, choice_prompt, choice_scores, content_free_items, option_logprobs, read_choice_test, score_choices
-from medtune.metrics import parse_choice, repetition, token_f1
-from medtune.params import CleanParams, EvaluateParams, FetchParams, FormatParams, MergeParams, SplitParams, TrainParams
+from medtune.metrics import parse_choice, repetition, score, token_f1
+from medtune.params import EvaluateParams, FormatParams, MergeParams, TrainParams
 from medtune.prompts import render
 from medtune.training import lora_config, sft_config
-from tests.conftest import ASSETS, tiny_params
+from tests.conftest import tiny_params
+from tests.helpers import BASE, model_params, section, train_params
 
-BASE = BaseParams(seed=3)
-
-
-def section(cls, tiny_model, name, **kw):
-    return cls(**(tiny_params(tiny_model)[name] | kw))
-
-
-@pytest.fixture(scope="module")
-def formatted(tmp_path_factory, tiny_model) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    fetch.run(section(FetchParams, tiny_model, "fetch", source=str(ASSETS / "medquad_tiny.jsonl")), BASE, d / "raw")
-    clean.run(section(CleanParams, tiny_model, "clean"), d / "raw", d / "clean")
-    split.run(section(SplitParams, tiny_model, "split"), BASE, d / "clean", d / "split")
-    format_stage.run(section(FormatParams, tiny_model, "format"), model_params(tiny_model), d / "split", d / "fmt")
-    return d / "fmt"
-
-
-def model_params(tiny_model) -> ModelParams:
-    return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
-
-
-def train_params(tiny_model, **kw) -> TrainParams:
-    return section(TrainParams, tiny_model, "train", **({"target_modules": ("q_proj", "v_proj")} | kw))
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +198,14 @@ def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained,
 
 
 def test_rouge_and_token_f1_score_real_text():
+    ref = "Glaucoma damages the optic nerve and can cause blindness."
+    rows = [{"id": str(i), "question": "q", "reference": ref} for i in range(3)]
+    answers = [ref, "The optic nerve is damaged by glaucoma.", "Take two aspirin daily."]
+    scored = score(rows, [{"answer": a, "stopped": True, "new_tokens": 5} for a in answers], None)
+    assert [s["rougeL"] for s in scored][0] == 1.0 and scored[2]["rougeL"] == 0.0
+    # LCS "glaucoma"? no: "the optic nerve" (3 tokens, stemmed) of 7 answer and 9 reference tokens: F1 = 2PR/(P+R)
+    assert scored[1]["rougeL"] == pytest.approx(round(2 * (3 / 7) * (3 / 9) / (3 / 7 + 3 / 9), 4))
+    assert scored[1]["rouge1"] > scored[1]["rougeL"] > 0  # unigrams overlap beyond the longest common subsequence
     assert token_f1("The cause is unknown.", "the cause is unknown") == 1.0
     assert token_f1("fever", "headache") == 0.0
     assert repetition("a b c a b c a b c a b c") > 0.5 > repetition("one two three four five six")
@@ -353,10 +334,26 @@ def test_best_checkpoint_selection_keeps_the_lowest_eval_loss(tmp_path, tiny_mod
     assert m["best_eval_step"] in (2, 4, 6)
 
 
-def test_auto_find_batch_size_trains_and_reports_the_batch_used(tmp_path, tiny_model, formatted):
-    m = train.run(train_params(tiny_model, auto_find_batch_size=True, save_steps=0), model_params(tiny_model), BASE, formatted,
-                  tmp_path / "a", tmp_path / "c", tmp_path / "k")
-    assert m["batch_size"] == 2 and m["steps"] == 4  # no out-of-memory on CPU: the batch stays as asked
+class OutOfMemoryOnce(TrainerCallback):
+    """Fails the first training step the way torch's CPU allocator does when memory runs out."""
+
+    def __init__(self):
+        self.raised = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
+
+
+def test_auto_find_batch_size_halves_the_batch_after_an_out_of_memory_error(tmp_path, tiny_model, formatted):
+    args = (model_params(tiny_model), BASE, formatted)
+    m = train.run(train_params(tiny_model, auto_find_batch_size=True, save_steps=0), *args,
+                  tmp_path / "a", tmp_path / "c", tmp_path / "k", callbacks=(OutOfMemoryOnce(),))
+    assert m["batch_size"] == 1 and m["steps"] == 4 and math.isfinite(m["train_loss"])  # 2 -> 1, then trained
+    with pytest.raises(RuntimeError, match="can't allocate memory"):  # without the knob the error stops the stage
+        train.run(train_params(tiny_model, save_steps=0), *args, tmp_path / "a2", tmp_path / "c2", tmp_path / "k2",
+                  callbacks=(OutOfMemoryOnce(),))
 
 
 def test_train_params_reject_best_model_without_periodic_evaluation(tiny_model):
@@ -422,9 +419,36 @@ def test_gradient_accumulation_trains_on_more_tokens_per_step(tmp_path, tiny_mod
     assert m["steps"] == knob_baseline[1]["steps"] and m["tokens_trained"] > 1.5 * knob_baseline[1]["tokens_trained"]
 
 
-def test_gradient_checkpointing_changes_memory_not_the_result(tmp_path, tiny_model, formatted, knob_baseline):
-    _, m = train_with(tmp_path, tiny_model, formatted, gradient_checkpointing=True)
-    assert m["train_loss"] == pytest.approx(knob_baseline[1]["train_loss"], rel=1e-4)
+class SavedActivations(TrainerCallback):
+    """Bytes of the tensors autograd keeps for the backward pass, per training step (the activation memory that
+    gradient checkpointing trades for recomputation)."""
+
+    def __init__(self):
+        self.per_step, self.hooks = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.per_step.append(0)
+
+        def pack(t):
+            self.per_step[-1] += t.numel() * t.element_size()
+            return t
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self.hooks.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.hooks.__exit__(None, None, None)
+
+
+def test_gradient_checkpointing_keeps_less_activation_memory_and_the_same_result(tmp_path, tiny_model, formatted):
+    plain, checkpointed = SavedActivations(), SavedActivations()
+    args = (model_params(tiny_model), BASE, formatted)
+    a = train.run(train_params(tiny_model, save_steps=0), *args, tmp_path / "a1", tmp_path / "c1", tmp_path / "k1", callbacks=(plain,))
+    b = train.run(train_params(tiny_model, save_steps=0, gradient_checkpointing=True), *args, tmp_path / "a2", tmp_path / "c2",
+                  tmp_path / "k2", callbacks=(checkpointed,))
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert len(plain.per_step) == len(checkpointed.per_step) == 4
+    assert sum(checkpointed.per_step) < 0.6 * sum(plain.per_step), (plain.per_step, checkpointed.per_step)
 
 
 @pytest.mark.parametrize("knob", [{"neftune_noise_alpha": 5.0}, {"weight_decay": 0.5}, {"learning_rate": 1e-4}])

@@ -6,28 +6,14 @@ Fast: a tiny model built in a fixture. The real-model run is in test_slow.py.
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import sys
-from pathlib import Path
+from tests.helpers import dvc, ran
 
 
 OUTPUTS = ["data/raw/manifest.json", "data/clean/records.jsonl", "data/split/test.jsonl", "data/formatted/train.jsonl",
            "models/adapter/adapter_model.safetensors", "metrics/eval_base.json", "metrics/eval_tuned.json",
            "eval/tuned/predictions.jsonl", "models/merged/model.safetensors", "metrics/merge.json",
            "metrics/lineage.json", "metrics/data_quality.json", "reports/data_quality.md"]
-
-
-def dvc(repo: Path, *args: str) -> str:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # stages run `python`
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 def test_dvc_repro_end_to_end_then_cached_then_eval_only(repo_copy):

@@ -18,7 +18,7 @@ from medtune.console import MedtuneError
 from medtune.io import read_jsonl
 from medtune.params import ModelParams
 from medtune.splitting import SPLITS
-from tests.test_data_stages import clean_params, format_params, split_params
+from tests.helpers import clean_params, format_params, split_params
 
 text = st.one_of(
     st.text(max_size=300),

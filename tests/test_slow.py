@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.conftest import REPO
-from tests.test_pipeline import dvc, ran
+from tests.helpers import dvc, ran
 
 
 @pytest.mark.slow

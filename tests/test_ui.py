@@ -16,14 +16,7 @@ import shutil
 import pytest
 
 from tests.conftest import REPO
-from tests.test_use import (  # noqa: F401
-    QUESTION,
-    expected_answer,
-    start_server,
-    stop_server,
-    tiny_adapter,
-    workdir,
-)
+from tests.helpers import QUESTION, expected_answer, start_server, stop_server
 
 ARTIFACTS = REPO / "test-artifacts"
 NEW_TOKENS = 48
@@ -43,7 +36,7 @@ def words(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(workdir, tiny_adapter, tmp_path_factory):  # noqa: F811
+def ui(workdir, tiny_adapter, tmp_path_factory):
     d = tmp_path_factory.mktemp("ui")
     (d / "params.yaml").write_text((workdir / "params.yaml").read_text())
     examples = ["What are the symptoms of glaucoma ?", "Is cystic fibrosis inherited ?"]
@@ -63,7 +56,7 @@ ANSWERED = """([sel, want]) => { const b = document.querySelectorAll(sel + ' [da
   return b.length > 0 && b[b.length - 1].innerText.replace(/[*_`#>]/g, ' ').replace(/\\s+/g, ' ').includes(want); }"""
 
 
-def test_ui_streams_answers_with_disclaimer_examples_and_side_by_side(ui, tiny_model, tiny_adapter, monkeypatch):  # noqa: F811
+def test_ui_streams_answers_with_disclaimer_examples_and_side_by_side(ui, tiny_model, tiny_adapter, monkeypatch):
     from playwright.sync_api import expect, sync_playwright
 
     url, d, examples = ui

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,63 +20,15 @@ from medtune import params
 from medtune.assistant import Answer, Limits, load_tuned
 from medtune.cards import CardInputs
 from medtune.commands import chat
-from medtune.io import write_json
 from medtune.models import load_tokenizer
-from medtune.params import ModelParams
 from medtune.prompts import render
 from medtune.stages import merge
 from medtune.tools import card as card_stage
 from medtune.tools import push
-from tests.conftest import REPO, tiny_params
+from tests.conftest import tiny_params
+from tests.helpers import QUESTION, expected_answer, model_params, start_server, stop_server
 
-QUESTION = "what are the symptoms of glaucoma ?"
 LIMITS = ["--max-new-tokens", "12", "--max-new-tokens-cap", "40", "--max-prompt-tokens", "64"]  # small, for a tiny model
-
-
-def model_params(tiny_model: Path) -> ModelParams:
-    return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
-    """A LoRA adapter with random (non-zero) B matrices, so tuned and base answers differ; saved like train's."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from medtune.models import load_model
-
-    out = tmp_path_factory.mktemp("adapter")
-    m = model_params(tiny_model)
-    torch.manual_seed(1)
-    model = get_peft_model(load_model(tiny_model, m), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                  init_lora_weights=False))
-    model.save_pretrained(out)
-    load_tokenizer(tiny_model, m).save_pretrained(out)
-    (out / "README.md").write_text("peft's placeholder card\n")
-    write_json(out / "run_config.json", {
-        "params": {"base": {"seed": 3}, "model": {"base": str(tiny_model), "revision": None, "chat_template": "gemma3_base",
-                                                  "trust_remote_code": False},
-                   "train": {"lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "max_steps": 4,
-                             "quantization": "none"}},
-        "base_model": {"base": str(tiny_model), "kind": "local"}, "versions": {"peft": "test"}, "device": "cpu"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tiny_model) -> Path:
-    """A folder to run the commands in: params.yaml (the repository's, shrunk), eval metrics and a data card."""
-    d = tmp_path_factory.mktemp("use")
-    p = tiny_params(tiny_model)
-    p["card"].update(hub_ids={str(tiny_model): "medtune/tiny-llama"}, licenses={"medtune/tiny-llama": "apache-2.0"})
-    (d / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    ci = [0.1, 0.3]
-    for name, extra in (("eval_base", {}), ("eval_tuned", {f"delta_{k}": 0.05 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
-                                          | {f"delta_{k}_ci": [0.01, 0.09] for k in ("rougeL", "rouge1", "rouge2", "token_f1")})):
-        write_json(d / "metrics" / f"{name}.json", {"n": 7, "runaway_rate": 0.25, "repetition_rate": 0.5, "referral_rate": 0.125} | extra
-                   | {k: 0.2 for k in ("rougeL", "rouge1", "rouge2", "token_f1")}
-                   | {f"{k}_ci": ci for k in ("rougeL", "rouge1", "rouge2", "token_f1")})
-    (d / "DATA_CARD.md").write_text((REPO / "data" / "source" / "DATA_CARD.md").read_text())
-    return d
 
 
 @pytest.fixture
@@ -86,24 +36,6 @@ def in_workdir(workdir, monkeypatch, tmp_path) -> Path:
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
     return workdir
-
-
-def expected_answer(tiny_model: Path, adapter: Path | None, question: str, max_new_tokens: int) -> str:
-    """Greedy generation on the training prompt, written out independently of medtune.commands.chat."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    m = model_params(tiny_model)
-    tok = load_tokenizer(tiny_model, m)
-    (fmt,) = params.load("format")
-    prompt = render(tok, fmt, {"id": "q", "question": question})[0]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
-    enc = tok(prompt, return_tensors="pt")
-    stops = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]
-    ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-    return tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------- chat CLI
@@ -189,41 +121,6 @@ def test_chat_rejects_bad_input_in_one_line(in_workdir, tiny_adapter, args, code
 
 
 # ---------------------------------------------------------------- HTTP API
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str], cwd: Path, ready_path: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """Start `python -m stages.<...>` on a free port and wait until `ready_path` answers 200."""
-    port = free_port()
-    env = os.environ | {"PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
-    with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)], cwd=cwd, env=env, stdout=f, stderr=f)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail(f"{args[0]} did not start in time:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -336,9 +233,14 @@ def merged(workdir, tiny_model, tiny_adapter, tmp_path_factory) -> Path:
 
 
 def test_merge_writes_a_model_card_with_lineage_data_license_metrics_and_disclaimer(merged, tiny_model):
+    from huggingface_hub import ModelCard
+
     text = (merged / "README.md").read_text()
-    meta = yaml.safe_load(text.split("---")[1])
-    assert meta["license"] == "apache-2.0" and meta["base_model"] == "medtune/tiny-llama" and meta["library_name"] == "transformers"
+    card = ModelCard.load(merged / "README.md")  # as the Hub reads it: metadata, and the evaluation as model-index
+    assert (card.data.license, card.data.base_model, card.data.library_name) == ("apache-2.0", "medtune/tiny-llama", "transformers")
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"rougeL": 0.2, "rouge1": 0.2, "rouge2": 0.2, "token_f1": 0.2}  # workdir's eval_tuned.json
+    assert {r.dataset_split for r in card.data.eval_results} == {"test"}
     assert "Medical disclaimer" in text and "Not medical advice" in text
     assert str(tiny_model) in text  # the base model as trained, with its identity
     assert "CC BY 4.0" in text and "Ben Abacha" in text  # the data's license and citation, from the data card

@@ -37,10 +37,12 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     curves_dir.mkdir(parents=True, exist_ok=True)
     plot_loss(f.history, curves_dir / "loss.png")
     write_json(curves_dir / "log_history.json", f.history)
+    model = f.trainer.accelerator.unwrap_model(f.trainer.model)
+    for config in model.peft_config.values():  # the base as params name it, not the folder it was loaded from here
+        config.base_model_name_or_path = m.base
     with atomic_dir(out_dir) as tmp:
         # peft keeps only the adapter's weights of a gathered FSDP state dict
-        f.trainer.accelerator.unwrap_model(f.trainer.model).save_pretrained(tmp, safe_serialization=True,
-                                                                            state_dict=f.adapter_state)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=f.adapter_state)
         f.tok.save_pretrained(tmp)
         write_json(tmp / "run_config.json", {
             "params": {"base": base.model_dump(), "model": m.model_dump(), "train": p.model_dump()},

@@ -8,8 +8,8 @@
 4. the adapter loads on its base model and answers the first test questions.
 
 Every failure is listed at once in one line naming the file and the metric or output; exit 1.
-Not a DVC stage. Run from the repository root:  python -m medtune.tools.check
-Reads params `model`, `check`.
+Not a DVC stage. Run from the repository root:  medtune check
+Reads params `model` (the thresholds are options).
 """
 
 from __future__ import annotations
