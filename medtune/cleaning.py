@@ -16,7 +16,7 @@ import unicodedata
 from collections import Counter
 
 from medtune.console import MedtuneError
-from medtune.dedup import NearDups, minhash
+from medtune.dedup import NearDups, minhashes
 from medtune.params import CleanParams
 
 TAG = re.compile(r"<[^>]{1,200}>")
@@ -127,8 +127,7 @@ def clean_rows(p: CleanParams, rows: list[dict], source) -> tuple[list[dict], di
     phi_found: Counter[str] = Counter()
     seen: set[str] = set()
     phi_rows = 0
-    near = NearDups(p.near_dup_threshold) if p.near_dup_threshold else None
-    kept = []
+    candidates = []  # pass 1: each row checked and normalised, its PHI counted (masked or dropped)
     for row in rows:
         row, reason = check_row(row, p)
         if row is None:
@@ -150,13 +149,18 @@ def clean_rows(p: CleanParams, rows: list[dict], source) -> tuple[list[dict], di
         if row.get("explanation") and "correct" in row and explanation_repeats_choice(row, p):
             row["explanation"] = ""
             changed["explanation_removed"] += 1
+        candidates.append(row)
+    # pass 2: duplicates, in input order (the first of a pair is kept); the signatures in one bulk call
+    near = NearDups(p.near_dup_threshold) if p.near_dup_threshold else None
+    sigs = minhashes([record_text(r) for r in candidates]) if near is not None else [None] * len(candidates)
+    kept = []
+    for row, sig in zip(candidates, sigs):
         if p.dedupe:
             if (fp := fingerprint(row)) in seen:
                 dropped["duplicate"] += 1
                 continue
             seen.add(fp)
         if near is not None:
-            sig = minhash(record_text(row))
             if near.matches(sig):
                 dropped["near_duplicate"] += 1
                 continue

@@ -19,9 +19,11 @@ from medtune.params import MIN_ANSWER_TOKENS, Disclaimer, FormatParams
 ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-def cut_answer(tok, answer: str, max_tokens: int) -> tuple[str, bool]:
-    """Cut at a sentence end so the model learns complete answers that stop, not mid-sentence ones."""
-    ids = tok(answer, add_special_tokens=False)["input_ids"]
+def cut_answer(tok, answer: str, max_tokens: int, ids: list[int] | None = None) -> tuple[str, bool]:
+    """Cut at a sentence end so the model learns complete answers that stop, not mid-sentence ones. `ids`: the
+    answer's tokens, when the caller tokenized many answers at once."""
+    if ids is None:
+        ids = tok(answer, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return answer, False
     head = tok.decode(ids[:max_tokens])
@@ -87,9 +89,16 @@ def chat_messages(p: FormatParams, row: dict) -> list[dict]:
 def strip_bos(tok, prompt: str) -> str:
     """The tokenizer adds BOS by itself; a BOS in the text would make two."""
     bos = tok.bos_token
-    if bos and prompt.startswith(bos) and tok("x")["input_ids"][0] == tok.bos_token_id:
+    if bos and prompt.startswith(bos) and adds_bos(tok):
         return prompt[len(bos):]
     return prompt
+
+
+def adds_bos(tok) -> bool:
+    """Whether the tokenizer puts BOS in front of what it encodes (asked once per tokenizer: a call costs ms)."""
+    if getattr(tok, "_medtune_adds_bos", None) is None:
+        tok._medtune_adds_bos = tok("x")["input_ids"][:1] == [tok.bos_token_id]
+    return tok._medtune_adds_bos
 
 
 def render(tok, p: FormatParams, row: dict, answer: str | None = None) -> tuple[str, str]:
@@ -115,14 +124,30 @@ def render(tok, p: FormatParams, row: dict, answer: str | None = None) -> tuple[
     return strip_bos(tok, prompt), completion
 
 
+def format_rows(tok, p: FormatParams, rows: list[dict], max_answer_tokens: list[int]) -> list[dict]:
+    """Each row rendered with its answer cut to its budget, and its token counts. The tokenizer runs on all rows
+    at once (fast tokenizers batch in parallel): one call for the answers, one for the prompts, one for the
+    whole examples; the chat template renders row by row."""
+    answers = [answer_text(r) for r in rows]
+    answer_ids = tok(answers, add_special_tokens=False)["input_ids"] if rows else []
+    out = []
+    for row, answer, ids, budget in zip(rows, answers, answer_ids, max_answer_tokens):
+        body, cut = cut_answer(tok, answer, budget, ids)
+        disclaimed = gets_disclaimer(p.disclaimer, str(row["id"]))
+        prompt, completion = render(tok, p, row, add_disclaimer(p.disclaimer, body) if disclaimed else body)
+        meta = {k: v for k, v in row.items() if k not in ("question", "answer")}
+        out.append(meta | {"question": row["question"], "reference": answer, "prompt": prompt, "completion": completion,
+                           "disclaimer": disclaimed, "answer_truncated": cut})
+    if out:
+        prompts = tok([o["prompt"] for o in out])["input_ids"]
+        fulls = tok([o["prompt"] + o["completion"] for o in out])["input_ids"]
+        for o, a, b in zip(out, prompts, fulls):
+            o |= {"n_prompt_tokens": len(a), "n_tokens": len(b)}
+    return out
+
+
 def format_row(tok, p: FormatParams, row: dict, max_answer_tokens: int) -> dict:
-    body, cut = cut_answer(tok, answer_text(row), max_answer_tokens)
-    disclaimed = gets_disclaimer(p.disclaimer, str(row["id"]))
-    prompt, completion = render(tok, p, row, add_disclaimer(p.disclaimer, body) if disclaimed else body)
-    meta = {k: v for k, v in row.items() if k not in ("question", "answer")}
-    return meta | {"question": row["question"], "reference": answer_text(row), "prompt": prompt, "completion": completion,
-                   "n_prompt_tokens": len(tok(prompt)["input_ids"]), "n_tokens": len(tok(prompt + completion)["input_ids"]),
-                   "disclaimer": disclaimed, "answer_truncated": cut}
+    return format_rows(tok, p, [row], [max_answer_tokens])[0]
 
 
 def cut_tokens(tok, out: dict, max_length: int) -> dict:
@@ -159,11 +184,12 @@ def format_split(tok, p: FormatParams, rows: list[dict], source, keep_long: bool
     with `keep_long` (test: generation needs only the prompt). Returns (rows, counts)."""
     out_rows = []
     count = {"answers_truncated": 0, "over_max_length": 0, "dropped_too_long": 0, "truncated_to_fit": 0}
-    for r in rows:
-        try:  # overflow "cut": no sentence cut first; the only cut is trl's, at max_length tokens
-            out = format_row(tok, p, r, p.max_answer_tokens if p.overflow != "cut" else 10**9)
-        except MedtuneError as e:
-            raise MedtuneError(f"{source}: {e}") from None
+    budget = p.max_answer_tokens if p.overflow != "cut" else 10**9  # "cut": no sentence cut; only trl's, at max_length
+    try:
+        first = format_rows(tok, p, rows, [budget] * len(rows))
+    except MedtuneError as e:
+        raise MedtuneError(f"{source}: {e}") from None
+    for r, out in zip(rows, first):
         if out["n_tokens"] > p.max_length:
             count["over_max_length"] += 1
             if not keep_long:

@@ -63,7 +63,7 @@ def quality_report(p: ReportParams, f: FormatParams, tok, manifest: dict, clean:
             "clean": {k: clean[k] for k in ("rows_in", "rows_out", "dropped", "changed", "not_selected", "phi", "phi_rows", "phi_action")},
             "split": {"rows_in": clean["rows_out"], "rows_out": sum(split[s] for s in SPLITS), "dropped_leaks": split["dropped_leaks"],
                       "groups": split["groups"]},
-            "format": fmt,
+            "format": {s: fmt[s] for s in SPLITS},  # the counts per split (not the stage's wall time)
         },
         "tokens_train": {"max_length": f.max_length, "mean": round(float(lengths.mean()), 1),
                          **{f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}, "max": int(lengths.max()),

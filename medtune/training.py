@@ -55,11 +55,13 @@ def preflight(p: TrainParams) -> None:
             raise MedtuneError('train.liger_kernels=true needs the liger-kernel package: pip install -e ".[gpu]"')
 
 
-def check_examples(p: TrainParams, rows: list[dict], tok, stops: list[int], path: Path) -> None:
+def check_examples(p: TrainParams, rows: list[dict], tok, stops: list[int], path: Path) -> list[dict]:
     """Catch template/EOS mistakes before the model loads: every example fits max_length, the prompt tokenises
     the same alone (as evaluation sees it) and before its answer (as training sees it), and each answer ends
-    with a token that stops generation, so the model learns to stop where evaluation expects it to."""
-    for i, (r, t) in enumerate(zip(rows, trained_tokens(tok, rows)), 1):
+    with a token that stops generation, so the model learns to stop where evaluation expects it to. Returns the
+    examples' tokens (prompts.trained_tokens), which training then uses as they are."""
+    toks = trained_tokens(tok, rows)
+    for i, (r, t) in enumerate(zip(rows, toks), 1):
         where = f"{path} line {i} (id {r.get('id', '?')})"
         full = t["ids"]
         if t["n_prompt"] >= p.max_length:
@@ -76,18 +78,29 @@ def check_examples(p: TrainParams, rows: list[dict], tok, stops: list[int], path
             raise MedtuneError(f"{where}: the answer ends with {tok.convert_ids_to_tokens(full[-1])!r}, not a token that stops "
                                f"generation ({', '.join(tok.convert_ids_to_tokens(stops))}); the model would never learn to "
                                "stop: check model.chat_template / format.template")
+    return toks
 
 
-def check_trainer_examples(trainer, rows: list[dict], tok, n: int = 8) -> None:
-    """The examples exactly as the trainer will see them (after trl's tokenisation): the answer tokens, and
-    only they, carry loss, including the end-of-turn token (prompts.trained_tokens is the rule)."""
+def token_dataset(toks: list[dict]):
+    """The examples as trl trains them, tokenized once by prompts.trained_tokens: input ids, and labels that are
+    -100 (no loss) on the prompt and the ids themselves on the answer and its end token. trl takes such a
+    dataset as it is, instead of tokenizing the text a second time."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"input_ids": [t["ids"] for t in toks],
+                                       "labels": [[-100] * t["n_prompt"] + t["ids"][t["n_prompt"]:] for t in toks]})
+
+
+def check_trainer_examples(trainer, rows: list[dict], toks: list[dict], n: int = 8) -> None:
+    """The first examples exactly as the trainer will see them: the answer tokens, and only they, carry loss,
+    including the end-of-turn token (prompts.trained_tokens is the rule)."""
     ds = trainer.train_dataset
-    if "completion_mask" not in ds.column_names or "seq_lengths" in ds.column_names:  # packed: checked per example above
+    if "seq_lengths" in ds.column_names:  # packed rows: each example was checked before packing
         return
-    for i, t in enumerate(trained_tokens(tok, rows[:n])):
-        ids, mask = ds[i]["input_ids"], ds[i]["completion_mask"]
-        if ids != t["ids"] or sum(mask[: t["n_prompt"]]) or not all(mask[t["n_prompt"]:]):
-            raise MedtuneError(f"train example {i + 1} (id {rows[i].get('id', '?')}): trl's tokenisation or loss mask differs "
+    for i, t in enumerate(toks[:n]):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        if ids != t["ids"] or labels != [-100] * t["n_prompt"] + t["ids"][t["n_prompt"]:]:
+            raise MedtuneError(f"train example {i + 1} (id {rows[i].get('id', '?')}): the trainer's tokens or loss mask differ "
                                "from the rendered prompt/completion; the answer would not be trained as rendered")
 
 
@@ -180,6 +193,8 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         max_length=p.max_length if p.packing or not p.padding_free else None,
         completion_only_loss=True,
         eos_token=eot,  # the completion already ends with it, so trl adds nothing
+        # the datasets are tokenized and checked already (token_dataset); packing still needs trl's preparation
+        dataset_kwargs={"skip_prepare_dataset": not p.packing},
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: skip DDP's per-step search for unused ones
@@ -236,7 +251,6 @@ def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Pat
     Resumes from a checkpoint in ckpt_dir left by an interrupted run with the same params and data; the main
     process logs the curves to curves_dir (dvclive)."""
     preflight(p)
-    import datasets
     import torch
     from accelerate import PartialState
     from trl import SFTTrainer
@@ -246,12 +260,9 @@ def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Pat
     tok = load_tokenizer(base_path, m)
     rows = {split: read_jsonl(data_dir / f"{split}.jsonl") for split in ("train", "val")}
     stops = stop_token_ids(tok)
-    for split, split_rows in rows.items():
-        check_examples(p, split_rows, tok, stops, data_dir / f"{split}.jsonl")
-    first = rows["train"][0]
-    eot = tok.convert_ids_to_tokens(tok(first["prompt"] + first["completion"])["input_ids"][-1])  # what answers end with
-    train_ds, val_ds = (datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "completion")} for r in rows[s]])
-                        for s in ("train", "val"))
+    toks = {split: check_examples(p, split_rows, tok, stops, data_dir / f"{split}.jsonl") for split, split_rows in rows.items()}
+    eot = tok.convert_ids_to_tokens(toks["train"][0]["ids"][-1])  # what answers end with
+    train_ds, val_ds = token_dataset(toks["train"]), token_dataset(toks["val"])
     cuda = device() == "cuda"
     # Under `accelerate launch` every process runs this function, each on its own device; only the main one
     # touches the outputs.
@@ -276,12 +287,14 @@ def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Pat
     trainer = SFTTrainer(model=model, args=sft_config(p, seed, ckpt_dir, eot, cuda), train_dataset=train_ds,
                          eval_dataset=val_ds, processing_class=tok, peft_config=lora_config(p),
                          callbacks=[*(curve_loggers(curves_dir) if state.is_main_process else []), *callbacks])
-    check_trainer_examples(trainer, rows["train"], tok)
+    check_trainer_examples(trainer, rows["train"], toks["train"])
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with lm_head_tile(p.lm_head_tile):
+        if resume is None:  # the validation loss before any training: the start of the curve (a resumed run has it)
+            trainer.evaluate()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - t0
         eval_loss = trainer.evaluate()["eval_loss"]  # of the weights being saved (the best ones with load_best_model)
@@ -298,9 +311,9 @@ def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Pat
         "best_eval_step": min(evals)[1],
         "batch_size": trainer._train_batch_size,  # differs from train.batch_size if auto_find_batch_size lowered it
         "steps": trainer.state.global_step,
-        "tokens_trained": tokens,
-        "tokens_per_s": round(tokens / wall, 1),
-        "wall_s": round(wall, 1),
+        "tokens_trained": tokens,  # real (not padding) tokens
+        "train_tokens_per_s": round(tokens / wall, 1),  # over the training loop alone; the stage adds tokens_per_s
+        "train_s": round(wall, 1),  # the training loop and its evaluations; the stage adds wall_s
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_params": trainable,
         "attn_implementation": model.config._attn_implementation,

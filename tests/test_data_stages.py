@@ -167,7 +167,7 @@ def test_cli_reports_every_params_problem_at_once(tmp_path, tiny_model, monkeypa
 def test_cli_missing_input_file_is_one_line(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.source": "data/nope.jsonl"})
-    result = CliRunner().invoke(fetch.main, ["--out", "raw"])
+    result = CliRunner().invoke(fetch.main, ["--out", "raw", "--metrics", "fetch.json"])
     assert result.exit_code == 1 and "data/nope.jsonl" in result.output and "not found" in result.output
     assert not (tmp_path / "raw").exists()
 
@@ -178,7 +178,7 @@ def test_cli_empty_dataset_fails_and_keeps_previous_output(tmp_path, tiny_model,
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "records.jsonl").write_text("previous\n")
-    result = CliRunner().invoke(fetch.main, ["--out", "raw"])
+    result = CliRunner().invoke(fetch.main, ["--out", "raw", "--metrics", "fetch.json"])
     assert result.exit_code == 1 and "empty.jsonl: file is empty" in result.output
     assert (tmp_path / "raw" / "records.jsonl").read_text() == "previous\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".raw")] == []
@@ -242,7 +242,7 @@ def test_fetch_mix_entry_problems_name_the_entry(tmp_path, tiny_model, monkeypat
     monkeypatch.chdir(tmp_path)
     entry = {"source": "x.jsonl", "revision": None, "subset": None, "split": "train", "id_column": None, "columns": {"q": "question"}}
     write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.mix": [entry, {"source": "y.jsonl"}]})
-    result = CliRunner().invoke(fetch.main, ["--out", "raw"])
+    result = CliRunner().invoke(fetch.main, ["--out", "raw", "--metrics", "fetch.json"])
     assert result.exit_code == 1 and "fetch.mix.0.columns: map question and answer" in result.output
     assert "fetch.mix.1.revision: missing" in result.output and not (tmp_path / "raw").exists()
 

@@ -246,19 +246,19 @@ def test_padding_free_batches_give_the_same_loss_as_padded_ones(tmp_path, tiny_m
 
 def test_loss_is_on_answer_tokens_only_and_the_end_of_turn_token_is_trained(tiny_model, formatted, tmp_path):
     """Inspect the labels the trainer sees for a rendered example, the way train.run builds them."""
-    import datasets
     from trl import SFTTrainer
     from transformers import AutoModelForCausalLM
 
-    from medtune.models import end_of_turn, load_tokenizer
+    from medtune.models import end_of_turn, load_tokenizer, stop_token_ids
+    from medtune.training import check_examples, token_dataset
 
     m = model_params(tiny_model)
     tok = load_tokenizer(tiny_model, m)
     row = read_jsonl(formatted / "train.jsonl")[0]
     p = train_params(tiny_model)
+    toks = check_examples(p, [row], tok, stop_token_ids(tok), formatted / "train.jsonl")
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=sft_config(p, 0, tmp_path, end_of_turn(tok), False),
-                         train_dataset=datasets.Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]}]),
-                         processing_class=tok, peft_config=lora_config(p))
+                         train_dataset=token_dataset(toks), processing_class=tok, peft_config=lora_config(p))
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     n_prompt = len(tok(row["prompt"])["input_ids"])

@@ -133,7 +133,7 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, tiny_model, monkeypatch
     p = tiny_params(tiny_model)
     p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    result = CliRunner().invoke(fetch.main, ["--out", str(out)])
+    result = CliRunner().invoke(fetch.main, ["--out", str(out), "--metrics", str(tmp_path / "fetch.json")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith(f"Error: {out.parent}") and len(result.output.strip().splitlines()) == 1
 
@@ -178,7 +178,7 @@ def test_disk_full_while_writing_keeps_the_previous_outputs(tmp_path, tiny_model
     p = tiny_params(tiny_model)
     p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    cmd = [sys.executable, "-m", "medtune.stages.fetch", "--out", "raw"]
+    cmd = [sys.executable, "-m", "medtune.stages.fetch", "--out", "raw", "--metrics", "fetch.json"]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONDONTWRITEBYTECODE": "1"}
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     before = {f.name: f.read_bytes() for f in (tmp_path / "raw").iterdir()}
@@ -206,7 +206,7 @@ def test_secrets_never_reach_logs_or_model_cards(tmp_path, tiny_model, monkeypat
 
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     logs = ""
-    for cmd in (["medtune.stages.fetch", "--out", "raw"], ["medtune.stages.clean", "--in", "raw", "--out", "clean", "--metrics", "clean.json"]):
+    for cmd in (["medtune.stages.fetch", "--out", "raw", "--metrics", "fetch.json"], ["medtune.stages.clean", "--in", "raw", "--out", "clean", "--metrics", "clean.json"]):
         proc = subprocess.run([sys.executable, "-m", *cmd], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
         logs += proc.stdout + proc.stderr
     assert "fetch params" in logs and secret not in logs  # params are logged, the environment is not

@@ -15,6 +15,7 @@ Reads params `base`, `model`, `format`, `evaluate`.
 
 from __future__ import annotations
 
+import time
 import logging
 import time
 from pathlib import Path
@@ -121,13 +122,14 @@ def run(p: EvaluateParams, m: ModelParams, base: BaseParams, data_dir: Path, out
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--metrics", "metrics_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def main(data_dir: Path, adapter: Path | None, baseline: Path | None, choice_test: Path | None, out_dir: Path, metrics_file: Path) -> None:
+    started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
     with cli_errors():
         base, m, f, p = params.load("base", "model", "format", "evaluate")
         log_params("evaluate", ("evaluate", p))
         # the disclaimer rate is measured whether or not training added it (off: the rate the data has)
         metrics = run(p, m, base, data_dir, out_dir, adapter, baseline, disclaimer=f.disclaimer.text, choice_test=choice_test, fmt=f)
-        write_json(metrics_file, metrics)
+        write_json(metrics_file, metrics | {"wall_s": round(time.perf_counter() - started, 1)})
     log.info("%s: rougeL %.4f %s (n=%d)", "tuned" if adapter else "base", metrics["rougeL"], metrics["rougeL_ci"], metrics["n"])
     if "choice_n" in metrics:
         log.info("choice test: accuracy %.4f %s, calibrated %.4f %s (n=%d, majority label %.4f); chosen %s, "

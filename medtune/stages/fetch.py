@@ -5,15 +5,16 @@ Sources: a jsonl/csv/parquet file, a saved `datasets` folder, a folder of MedQuA
 dataset shape goes through the same later stages (medtune/sources.py). `fetch.mix` appends more sources
 with their own column names; `max_rows` keeps a seeded random subset of the whole.
 
-DVC stage `fetch`.  Run by hand:  python -m medtune.stages.fetch --out data/raw
+DVC stage `fetch`.  Run by hand:  python -m medtune.stages.fetch --out data/raw --metrics metrics/fetch.json
 Reads params `base`, `fetch`. Writes data/raw/records.jsonl, then data/raw/manifest.json last, so a
-manifest means the fetch completed.
+manifest means the fetch completed; the row count and wall time to the metrics file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import click
@@ -40,12 +41,15 @@ def run(p: FetchParams, base: BaseParams, out_dir: Path) -> dict:
 
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-def main(out_dir: Path) -> None:
+@click.option("--metrics", "metrics_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def main(out_dir: Path, metrics_file: Path) -> None:
+    started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
     with cli_errors():
         base, p = params.load("base", "fetch")
         log_params("fetch", ("fetch", p))
         summary = run(p, base, out_dir)
+        write_json(metrics_file, {"rows": summary["rows"], "wall_s": round(time.perf_counter() - started, 1)})
     log.info("fetched %s rows from %s -> %s", f"{summary['rows']:,}", summary["sources"], out_dir)
 
 

@@ -8,6 +8,7 @@ Reads params `model`, `format`. Writes data/formatted/{train,val,test}.jsonl and
 
 from __future__ import annotations
 
+import time
 import logging
 from pathlib import Path
 
@@ -41,12 +42,13 @@ def run(p: FormatParams, m: ModelParams, in_dir: Path, out_dir: Path) -> dict:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--metrics", "metrics_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def main(in_dir: Path, out_dir: Path, metrics_file: Path) -> None:
+    started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
     with cli_errors():
         m, p = params.load("model", "format")
         log_params("format", ("model", m), ("format", p))
         summary = run(p, m, in_dir, out_dir)
-        write_json(metrics_file, summary)
+        write_json(metrics_file, summary | {"wall_s": round(time.perf_counter() - started, 1)})
     log.info("formatted: %s", summary)
 
 

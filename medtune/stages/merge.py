@@ -11,6 +11,7 @@ generation config, run_config.json and the model card README.md (medtune/cards.p
 
 from __future__ import annotations
 
+import time
 import json
 import logging
 from pathlib import Path
@@ -79,6 +80,7 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
 @click.option("--eval-tuned", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="for the model card")
 @click.option("--data-card", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="for the model card")
 def main(adapter: Path, data_dir: Path, out_dir: Path, metrics_file: Path, eval_base: Path, eval_tuned: Path, data_card: Path) -> None:
+    started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
     with cli_errors():
         m, p, fmt, cp = params.load("model", "merge", "format", "card")
@@ -86,7 +88,7 @@ def main(adapter: Path, data_dir: Path, out_dir: Path, metrics_file: Path, eval_
         card = CardInputs(cp, fmt, eval_base, eval_tuned, data_card)
         check_card_inputs(card)  # before the merge, not after it
         metrics = run(p, m, adapter, data_dir, out_dir, card)
-        write_json(metrics_file, metrics)
+        write_json(metrics_file, metrics | {"wall_s": round(time.perf_counter() - started, 1)})
     log.info("merged: %s", metrics)
 
 

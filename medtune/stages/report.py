@@ -12,6 +12,7 @@ shows them as columns), the full breakdown as JSON beside the markdown page.
 
 from __future__ import annotations
 
+import time
 import logging
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def run(p: ReportParams, f: FormatParams, m: ModelParams, raw_dir: Path, clean_m
 @click.option("--details", "details_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--markdown", "md_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def main(raw_dir, clean_metrics, split_metrics, format_metrics, data_dir, out_file, details_file, md_file) -> None:
+    started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
     with cli_errors():
         m, f, p = params.load("model", "format", "report")
@@ -53,7 +55,7 @@ def main(raw_dir, clean_metrics, split_metrics, format_metrics, data_dir, out_fi
         key, details, md = run(p, f, m, raw_dir, clean_metrics, split_metrics, format_metrics, data_dir)
         write_text_atomic(md_file, md)
         write_json(details_file, details)
-        write_json(out_file, key)  # last: the DVC metrics file
+        write_json(out_file, key | {"wall_s": round(time.perf_counter() - started, 1)})  # last: the DVC metrics file
     log.info("data quality: %s", key)
 
 

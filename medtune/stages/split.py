@@ -7,6 +7,7 @@ Reads params `base`, `split`. Writes data/split/{train,val,test}.jsonl and the c
 
 from __future__ import annotations
 
+import time
 import logging
 from pathlib import Path
 
@@ -35,12 +36,13 @@ def run(p: SplitParams, base: BaseParams, in_dir: Path, out_dir: Path) -> dict:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--metrics", "metrics_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def main(in_dir: Path, out_dir: Path, metrics_file: Path) -> None:
+    started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
     with cli_errors():
         base, p = params.load("base", "split")
         log_params("split", ("split", p))
         summary = run(p, base, in_dir, out_dir)
-        write_json(metrics_file, summary)
+        write_json(metrics_file, summary | {"wall_s": round(time.perf_counter() - started, 1)})
     log.info("split sizes: %s", summary)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import click
@@ -30,7 +31,10 @@ log = logging.getLogger("medtune.train")
 
 
 def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_dir: Path, curves_dir: Path, ckpt_dir: Path,
-        callbacks: tuple = ()) -> dict:
+        callbacks: tuple = (), started: float | None = None) -> dict:
+    """`started`: when the stage began (time.perf_counter), so that its wall time and tokens/s cover everything a
+    user waits for: imports, loading, checks, training, evaluation, saving."""
+    started = time.perf_counter() if started is None else started
     f = fit(p, m, base.seed, data_dir, ckpt_dir, curves_dir, callbacks)
     if not f.main_process:
         return f.metrics
@@ -54,7 +58,8 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         })
     log.info("saved adapter to %s", out_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the next run of this stage starts fresh
-    return f.metrics
+    wall = time.perf_counter() - started
+    return f.metrics | {"wall_s": round(wall, 1), "tokens_per_s": round(f.metrics["tokens_trained"] / wall, 1)}
 
 
 @click.command()
@@ -66,11 +71,12 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
 @click.option("--lineage", "lineage_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="small JSON of what produced the adapter, for `dvc exp show`")
 def main(data_dir: Path, out_dir: Path, metrics_file: Path, curves_dir: Path, ckpt_dir: Path, lineage_file: Path) -> None:
+    started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
     with cli_errors():
         base, m, p = params.load("base", "model", "train")
         log_params("train", ("base", base), ("model", m), ("train", p))
-        metrics = run(p, m, base, data_dir, out_dir, curves_dir, ckpt_dir)
+        metrics = run(p, m, base, data_dir, out_dir, curves_dir, ckpt_dir, started=started)
         from accelerate import PartialState
 
         if PartialState().is_main_process:  # the state run() set up
