@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,6 @@ from medtune.prompts import question_prompt
 
 DISCLAIMER = ("Not medical advice: answers come from a small research model and can be wrong or outdated. "
               "Consult a qualified clinician about any health question.")
-
-
 
 
 class Limits(BaseModel):
@@ -107,8 +106,9 @@ def load_base(m: ModelParams, fmt: FormatParams) -> ChatModel:
 
 
 class Answer:
-    """A streamed answer. Checks the request when created (RequestError), generates in a thread when
-    iterated (yielding text pieces), then holds `finish_reason` ("stop" or "length") and token counts."""
+    """A streamed answer. Checks the request when created (RequestError). `generate` (alone when the answer is
+    iterated; batched with others by `serve`) queues its text pieces in `pieces`, then None, and leaves
+    `finish_reason` ("stop", "length", or the reason given to cancel()), the token counts, and `error` if it failed."""
 
     def __init__(self, cm: ChatModel, question: str, cp: Limits, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None):
@@ -130,58 +130,129 @@ class Answer:
                                f"({cp.max_prompt_tokens:,})")
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.pieces: queue.SimpleQueue = queue.SimpleQueue()  # text pieces, then None: filled by the generating thread
+        self.on_piece = lambda: None  # called after each put (serve wakes its event loop with it)
         self.cancelled = threading.Event()  # set by cancel() or when the reader stops early: generation stops
+        self.cancel_reason = "cancelled"
 
-    def cancel(self) -> None:
+    @property
+    def batch_key(self) -> tuple:
+        """Answers with equal keys can be generated in one batch: same model, same sampling."""
+        return id(self.cm), self.temperature, self.top_p if self.temperature > 0 else None
+
+    def cancel(self, reason: str = "cancelled") -> None:
         """Stop generating at the next token (e.g. the HTTP client went away); safe from any thread."""
+        if not self.cancelled.is_set():
+            self.cancel_reason = reason
         self.cancelled.set()
 
+    def put(self, piece: str | None) -> None:
+        self.pieces.put(piece)
+        self.on_piece()
+
     def __iter__(self) -> Iterator[str]:
-        import torch
-        from transformers import (
-            StoppingCriteria,
-            StoppingCriteriaList,
-            TextIteratorStreamer,
-        )
+        thread = threading.Thread(target=generate, args=([self],), daemon=True)
+        thread.start()
+        try:
+            while (piece := self.pieces.get()) is not None:
+                yield piece
+        finally:
+            self.cancelled.set()
+            thread.join()
+        if self.error is not None:
+            raise MedtuneError(f"generation failed: {type(self.error).__name__}: {self.error}")
 
-        class Cancelled(StoppingCriteria):
-            def __init__(self, event: threading.Event):
-                self.event = event
 
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+def generate(answers: list[Answer]) -> None:
+    """Generate answers with one batch_key together, prompts padded on the left as generation.greedy pads them: each
+    answer gets its own pieces and ends at its own stop token, max_new_tokens or cancel(); greedy answers are the
+    ones each would get alone. Returns when all have ended; a failed generation is each answer's `error`."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+    from transformers.generation.streamers import BaseStreamer
 
-        cm = self.cm
-        streamer = TextIteratorStreamer(cm.tok, skip_prompt=True, skip_special_tokens=True)
-        kw = dict(**self.enc.to(cm.model.device), max_new_tokens=self.max_new_tokens, streamer=streamer,
-                  eos_token_id=cm.stops, pad_token_id=cm.tok.pad_token_id, do_sample=self.temperature > 0)
-        if self.temperature > 0:
-            kw |= {"temperature": self.temperature, "top_p": self.top_p}
-        kw["stopping_criteria"] = StoppingCriteriaList([Cancelled(self.cancelled)])
-        result: dict = {}
+    cm, first, n = answers[0].cm, answers[0], len(answers)
+    if any(a.batch_key != first.batch_key for a in answers):
+        raise ValueError("generate: the answers differ in model or sampling settings")
+    pad = cm.tok.pad_token_id if cm.tok.pad_token_id is not None else cm.stops[0]
+    width = max(a.prompt_tokens for a in answers)
 
-        def work():
-            try:
-                result["ids"] = cm.model.generate(**kw)
-            except BaseException as e:  # shown to the reader of the stream, not lost in the thread
-                result["error"] = e
-                streamer.end()
+    class Text(TextStreamer):  # one answer's tokens to text pieces, word by word as TextIteratorStreamer does
+        def __init__(self, answer: Answer):
+            super().__init__(cm.tok, skip_special_tokens=True)
+            self.answer = answer
 
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if text:
+                self.answer.put(text)
+
+    class Rows(BaseStreamer, StoppingCriteria):
+        """The batch's streamer and stopping criterion. Which one transformers calls first for a token differs
+        between versions, so the criterion records the step at which a row ends and the streamer sends a row's
+        tokens up to that step."""
+
+        def __init__(self):
+            self.text = [Text(a) for a in answers]
+            self.ends: list[int | None] = [None] * n
+            self.closed = [False] * n
+            self.step = 0  # decoding steps streamed so far: one token per row each
+
+        def __call__(self, input_ids, scores, **kw):
+            made = input_ids.shape[1] - width
+            for i, a in enumerate(answers):
+                if self.ends[i] is None:
+                    reason = ("stop" if int(input_ids[i, -1]) in cm.stops else "length" if made >= a.max_new_tokens
+                              else a.cancel_reason if a.cancelled.is_set() else None)
+                    if reason:
+                        self.ends[i], a.finish_reason = made, reason
+            return torch.tensor([e is not None for e in self.ends], device=input_ids.device)
+
+        def put(self, value):
+            if value.dim() > 1:  # the prompts
+                return
+            self.step += 1
+            for i, token in enumerate(value.tolist()):
+                end = self.ends[i]
+                if self.closed[i]:
+                    continue
+                if end is None or self.step <= end:
+                    answers[i].completion_tokens += 1
+                    self.text[i].put(torch.tensor([token]))
+                if end is not None and self.step >= end:
+                    self.close(i)
+
+        def close(self, i: int):
+            if not self.closed[i]:
+                self.closed[i] = True
+                self.text[i].end()
+                answers[i].finish_reason = answers[i].finish_reason or "length"
+                answers[i].put(None)  # the reader may go on now, while the batch's other rows still generate
+
+        def end(self):
+            for i in range(n):
+                self.close(i)
+
+    rows = Rows()
+    try:
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, a in enumerate(answers):
+            ids[i, width - a.prompt_tokens:] = a.enc["input_ids"][0]
+            mask[i, width - a.prompt_tokens:] = 1
+        kw = dict(input_ids=ids.to(cm.model.device), attention_mask=mask.to(cm.model.device), streamer=rows,
+                  max_new_tokens=max(a.max_new_tokens for a in answers), stopping_criteria=StoppingCriteriaList([rows]),
+                  eos_token_id=cm.stops, pad_token_id=pad, do_sample=first.temperature > 0)
+        if first.temperature > 0:
+            kw |= {"temperature": first.temperature, "top_p": first.top_p}
         with cm.lock:
-            thread = threading.Thread(target=work, daemon=True)
-            thread.start()
-            try:
-                for piece in streamer:
-                    if piece:
-                        yield piece
-            finally:
-                self.cancelled.set()
-                thread.join()
-        if "error" in result:
-            raise MedtuneError(f"generation failed: {type(result['error']).__name__}: {result['error']}")
-        new = result["ids"][0, self.prompt_tokens:].tolist()
-        self.completion_tokens = len(new)
-        self.finish_reason = "stop" if new and new[-1] in cm.stops else "length"
+            cm.model.generate(**kw)
+    except Exception as e:  # shown to each reader, not lost in the thread
+        for i, a in enumerate(answers):
+            if not rows.closed[i]:
+                a.error = e
+    finally:
+        rows.end()
 
 
 def model_folder(model_dir: Path | None, adapter: Path | None, exp: str | None) -> Path:
@@ -192,8 +263,6 @@ def model_folder(model_dir: Path | None, adapter: Path | None, exp: str | None) 
     if exp is None and not path.is_dir():
         raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
     return path
-
-
 
 
 def limit_options(command):

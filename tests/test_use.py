@@ -126,7 +126,8 @@ def test_chat_rejects_bad_input_in_one_line(in_workdir, tiny_adapter, args, code
 @pytest.fixture(scope="module")
 def api(workdir, tiny_adapter, tmp_path_factory):
     proc, url = start_server(["medtune.commands.serve", "--adapter", str(tiny_adapter), "--with-base", *LIMITS,
-                              "--max-request-bytes", "2048"], workdir, "/health",
+                              "--max-request-bytes", "2048", "--max-batch", "2", "--max-queue", "4", "--request-timeout", "120"],
+                             workdir, "/health",
                              tmp_path_factory.mktemp("serve") / "serve.log")
     yield url
     stop_server(proc)

@@ -10,7 +10,12 @@ Model ids: "tuned" (the default when a request names none) and, with --with-base
 fine-tuned on single questions, so a request holds exactly one user message, rendered with the training
 template; system messages and earlier turns are refused rather than silently dropped.
 Limits: bodies over --max-request-bytes get 413; max_tokens over --max-new-tokens-cap, prompts over
---max-prompt-tokens and malformed requests get 400, in OpenAI's error format. 
+--max-prompt-tokens and malformed requests get 400, in OpenAI's error format.
+Load: one thread generates, up to --max-batch waiting requests (same model and sampling settings) at once; at most
+--max-queue more wait, and a request beyond them is refused at once (429 + Retry-After). A request still waiting or
+generating --request-timeout seconds after it came is ended (503 + Retry-After, or an error event once a stream
+has begun). A client that disconnects, streaming or not, stops its generation. /health is answered on the event
+loop, which generation never blocks.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from fastapi import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, load_base, load_tuned, model_folder
+from medtune.assistant import (DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, load_base, load_tuned,
+                               model_folder)
 from medtune.console import MedtuneError, cli_errors, setup_logging
+from medtune.serving import ClientGone, DisclaimerHeader, Scheduler, TimedOut, follow
 
 log = logging.getLogger("medtune.serve")
 
@@ -61,11 +68,12 @@ class ChatRequest(BaseModel):
     user: str | None = None
 
 
-def error(status: int, message: str, param: str | None = None, code: str | None = None):
+def error(status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status,
+                        headers=headers)
 
 
 def question_of(req: ChatRequest) -> str:
@@ -76,30 +84,33 @@ def question_of(req: ChatRequest) -> str:
     return req.messages[0].content
 
 
-def make_app(models: dict[str, ChatModel], cp: Limits, max_request_bytes: int):
+def make_app(models: dict[str, ChatModel], cp: Limits, max_request_bytes: int, max_batch: int, max_queue: int,
+             request_timeout: float):
     from fastapi import FastAPI
-    from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
 
-    app = FastAPI(title="medtune", description=DISCLAIMER)
+    scheduler = Scheduler(max_batch, max_queue)
 
-    @app.middleware("http")
-    async def disclaimer_header(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Medical-Disclaimer"] = DISCLAIMER
-        return response
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="medtune", description=DISCLAIMER, lifespan=lifespan)
+    app.add_middleware(DisclaimerHeader)
 
     @app.get("/health")
-    def health():
-        return {"status": "ok", "models": list(models)}
+    async def health():  # on the event loop, never behind the model: it answers while generation runs
+        return {"status": "ok", "models": list(models), "generating": scheduler.generating, "waiting": len(scheduler.waiting)}
 
     @app.get("/v1/models")
-    def list_models():
+    async def list_models():
         return {"object": "list", "data": [{"id": k, "object": "model", "created": 0, "owned_by": "medtune",
                                             "description": cm.label} for k, cm in models.items()]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        deadline = time.monotonic() + request_timeout
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
             return error(413, f"request body of {int(declared):,} bytes is over --max-request-bytes ({max_request_bytes:,})")
@@ -124,17 +135,36 @@ def make_app(models: dict[str, ChatModel], cp: Limits, max_request_bytes: int):
             answer = Answer(cm, question_of(req), cp, limit, req.temperature, req.top_p)
         except RequestError as e:
             return error(400, str(e))
+        if not scheduler.admit(answer):
+            return error(429, f"the server is busy: {scheduler.max_queue} requests are already waiting (--max-queue); "
+                         "retry after Retry-After seconds", code="queue_full", headers={"Retry-After": scheduler.retry_after()})
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        pieces = follow(answer, request, deadline)
+
+        def ended(e: Exception | None):
+            """However the request ended, its generation stops or it leaves the queue; the error response, if any."""
+            queued = answer in scheduler.waiting
+            answer.cancel()
+            scheduler.withdraw(answer)
+            if isinstance(e, ClientGone):
+                log.info("%s: client went away after %d tokens; generation stopped", rid, answer.completion_tokens)
+                return Response(status_code=499)  # nobody reads it
+            if isinstance(e, TimedOut):
+                where = "before its turn came" if queued else f"after {answer.completion_tokens} tokens"
+                log.info("%s: ended by --request-timeout %s", rid, where)
+                return error(503, f"the request ran past --request-timeout ({request_timeout:g} s), {where}: retry later, or "
+                             "ask for fewer max_tokens", code="timeout", headers={"Retry-After": scheduler.retry_after()})
+            return error(500, str(e)) if e is not None else None
 
         def usage():
             return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                     "total_tokens": answer.prompt_tokens + answer.completion_tokens}
 
+        try:  # a stream begins with the first text, so one that ends while waiting still gets an HTTP error
+            text = await anext(pieces, None) if req.stream else "".join([piece async for piece in pieces])
+        except (ClientGone, TimedOut, MedtuneError) as e:
+            return ended(e)
         if not req.stream:
-            try:
-                text = await run_in_threadpool(lambda: "".join(answer))
-            except MedtuneError as e:
-                return error(500, str(e))
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": answer.finish_reason}], "usage": usage()}
@@ -145,21 +175,21 @@ def make_app(models: dict[str, ChatModel], cp: Limits, max_request_bytes: int):
             return f"data: {json.dumps(obj)}\n\n"
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            pieces = iter(answer)
+            problem = None
             try:
-                async for piece in iterate_in_threadpool(pieces):
-                    if await request.is_disconnected():
-                        log.info("%s: client went away after %d tokens; generation stopped", rid, answer.completion_tokens)
-                        return
-                    yield chunk({"content": piece})
-            except MedtuneError as e:  # headers are sent: report in the stream, as OpenAI does
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+                yield chunk({"role": "assistant", "content": ""})
+                if text is not None:
+                    yield chunk({"content": text})
+                    async for piece in pieces:
+                        yield chunk({"content": piece})
+            except (ClientGone, TimedOut, MedtuneError) as e:
+                problem = e
+            finally:  # also when the server stops sending because the client went away
+                response = ended(problem)
+            if response is not None:
+                if response.status_code != 499:  # headers are sent: report in the stream, as OpenAI does
+                    yield f"data: {response.body.decode()}\n\n"
                 return
-            finally:  # stop generating and free the model for the next request, however the stream ended
-                answer.cancel()
-                with contextlib.suppress(ValueError):  # ValueError: still running in a worker; it ends at the next token
-                    pieces.close()
             yield chunk({}, answer.finish_reason)
             if req.stream_options and req.stream_options.include_usage:
                 yield f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': created, 'model': req.model, 'choices': [], 'usage': usage()})}\n\n"
@@ -179,9 +209,15 @@ def make_app(models: dict[str, ChatModel], cp: Limits, max_request_bytes: int):
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--max-request-bytes", default=65536, show_default=True, type=click.IntRange(min=1024),
               help="larger request bodies are refused (413) before they are parsed")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="waiting requests for one model with the same sampling settings generated together")
+@click.option("--max-queue", default=32, show_default=True, type=click.IntRange(min=0),
+              help="requests that may wait beyond the batch being generated; more are refused at once (429 + Retry-After)")
+@click.option("--request-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="seconds a request may wait and generate; then it ends with 503 (an error event once streaming)")
 @limit_options
 def main(model_dir: Path | None, adapter: Path | None, exp: str | None, with_base: bool, host: str, port: int,
-         max_request_bytes: int, limits: Limits) -> None:
+         max_request_bytes: int, max_batch: int, max_queue: int, request_timeout: float, limits: Limits) -> None:
     """Serve the fine-tuned model over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -191,7 +227,8 @@ def main(model_dir: Path | None, adapter: Path | None, exp: str | None, with_bas
         tuned, m = load_tuned(path, adapter is not None, exp)
         models = {"tuned": tuned} | ({"base": load_base(m, tuned.fmt)} if with_base else {})
     log.info("serving %s on http://%s:%d/v1", ", ".join(f"{k} = {cm.label}" for k, cm in models.items()), host, port)
-    uvicorn.run(make_app(models, limits, max_request_bytes), host=host, port=port, log_level="info")
+    app = make_app(models, limits, max_request_bytes, max_batch, max_queue, request_timeout)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":
