@@ -46,13 +46,13 @@ def main(model_dir: Path, data: Path, out: Path, n: int, max_new_tokens: int, ba
     from medtune import params
     from medtune.generation import greedy
     from medtune.io import read_jsonl
-    from medtune.models import device_name, load_tokenizer, stop_token_ids, versions
+    from medtune.models import device_name, load_tokenizer, local_revision, stop_token_ids, versions
     from medtune.params import ModelParams
     from medtune.prompts import render
 
     repo = Path(__file__).resolve().parent.parent
     (fmt,) = params.load("format", path=repo / "params.yaml")
-    m = ModelParams(base=str(model_dir), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    m = ModelParams(base=str(model_dir), revision=local_revision(model_dir), chat_template="gemma3_base", trust_remote_code=False)
     tok = load_tokenizer(model_dir, m)
     rows = read_jsonl(data)[-n:]  # the end of the pool: other questions than bench_train's
     prompts = [render(tok, fmt, {"id": str(i), "question": r["question"]})[0] for i, r in enumerate(rows)]

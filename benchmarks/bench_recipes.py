@@ -77,12 +77,14 @@ def build_model(shape: str, out: Path, words: list[str]) -> Path:
 
 def recipe_params(name: str, model_dir: Path, data: Path, steps: int) -> dict:
     """params.yaml + the recipe, with the base model and the data swapped for the random model and the sample."""
+    from medtune.models import local_revision
+
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     defaults = json.loads(json.dumps(params))
     for section, values in yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text()).items():
         params[section].update(values)
-    params["model"].update(base=str(model_dir), revision=None, chat_template="gemma3")
-    params["fetch"] = defaults["fetch"] | {"source": str(data.resolve())}
+    params["model"].update(base=str(model_dir), revision=local_revision(model_dir), chat_template="gemma3")
+    params["fetch"] = defaults["fetch"] | {"source": f"data/source/{data.name}"}  # run_recipe copies it there
     params["clean"] = defaults["clean"] | {"near_dup_threshold": None}  # no MinHash: datasketch needs scipy
     params["split"]["near_dup_threshold"] = None
     params["train"].update(max_steps=steps, save_steps=0, eval_steps=0, load_best_model=False, logging_steps=1)
@@ -95,7 +97,10 @@ def run_recipe(name: str, model_dir: Path, data: Path, work: Path, steps: int) -
     import torch
     from click.testing import CliRunner
 
-    work.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    (work / "data" / "source").mkdir(parents=True, exist_ok=True)
+    shutil.copy(data, work / "data" / "source" / data.name)  # where fetch reads its sources
     params = recipe_params(name, model_dir, data, steps)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

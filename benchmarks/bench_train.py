@@ -236,11 +236,11 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
 
     from medtune import params
     from medtune import training as train
-    from medtune.models import device_name, end_of_turn, load_tokenizer, versions
+    from medtune.models import device_name, end_of_turn, load_tokenizer, local_revision, versions
     from medtune.params import ModelParams, TrainParams
     from medtune.strict import section_problems
 
-    m = ModelParams(base=str(model_dir), revision=None, chat_template=template, trust_remote_code=False)
+    m = ModelParams(base=str(model_dir), revision=local_revision(model_dir), chat_template=template, trust_remote_code=False)
     tok = load_tokenizer(model_dir, m)
     eot = end_of_turn(tok)
     section = params.read(REPO / "params.yaml")[0]["train"] | params.read(REPO / "recipes" / "gpu.yaml")[0]["train"]

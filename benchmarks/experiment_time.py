@@ -25,16 +25,16 @@ STAGES = {"fetch": "fetch", "clean": "clean", "split": "split", "format": "forma
           "train": "train", "evaluate_base": "eval_base", "evaluate_tuned": "eval_tuned", "merge": "merge"}
 
 
-def sh(cmd: list[str], cwd: Path, log: Path) -> float:
-    """Run a command, its output appended to `log`; its wall time. Fails loudly."""
+def sh(cmd: list[str], cwd: Path, log: Path) -> tuple[float, str]:
+    """Run a command, its output appended to `log`; (its wall time, its output). Fails loudly."""
     t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=os.environ | {"PYTHONUNBUFFERED": "1"})
     with log.open("a") as f:
-        f.write(f"\n$ {shlex.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        f.write(f"\n$ {shlex.join(cmd)}\n{proc.stdout}")
     if proc.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({proc.returncode}); see {log}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, proc.stdout
 
 
 def metrics(repo: Path, name: str) -> dict:
@@ -43,10 +43,11 @@ def metrics(repo: Path, name: str) -> dict:
 
 
 def experiment(repo: Path, name: str, flags: list[str], log: Path) -> dict:
-    wall = sh([sys.executable, "-m", "dvc", "exp", "run", "-n", name, *flags], repo, log)
-    stage_wall = {stage: metrics(repo, f).get("wall_s") for stage, f in STAGES.items()}
+    wall, output = sh([sys.executable, "-m", "dvc", "exp", "run", "-n", name, *flags], repo, log)
+    ran = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+    # a stage DVC did not run (unchanged, or restored from its run cache) has no wall time in this experiment
+    stage_wall = {stage: metrics(repo, f).get("wall_s") if stage in ran else None for stage, f in STAGES.items()}
     train, tuned, merge = metrics(repo, "train"), metrics(repo, "eval_tuned"), metrics(repo, "merge")
-    ran = [line.split("'")[1] for line in log.read_text().splitlines()[-2000:] if line.startswith("Running stage '")]
     return {"name": name, "exp_run_wall_s": round(wall, 1), "stage_wall_s": stage_wall, "stages_run": ran,
             "train_real_tokens": train.get("tokens_trained"), "train_wall_s": train.get("wall_s"),
             "train_tokens_per_s": train.get("tokens_per_s"), "train_steps": train.get("steps"),
@@ -74,13 +75,15 @@ def main(repo: Path, model: str, out: Path, recipe: str, second: str, skip_plain
     import torch
 
     sys.path.insert(0, str(repo))
-    from medtune.tools.recipe import overrides
+    from medtune.models import local_revision
+    from medtune.recipes import overrides
 
     out.mkdir(parents=True, exist_ok=True)
     log = out / "experiment_time.log"
-    flags = overrides(repo / recipe, repo / "params.yaml") + ["-S", f"model.base={model}", "-S", "model.revision=null"]
+    revision = local_revision(Path(model))  # a local base folder is pinned by its weights' hash
+    flags = overrides(repo / recipe, repo / "params.yaml") + ["-S", f"model.base={model}", "-S", f"model.revision={revision}"]
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "command": f"dvc exp run -n gpu $(medtune recipe {recipe}) -S model.base=<local gemma-3-270m> -S model.revision=null"}
+              "command": f"dvc exp run -n gpu $(medtune recipe {recipe}) -S model.base=<local gemma-3-270m> -S model.revision=<its hash>"}
     result["first"] = first = experiment(repo, "gpu", flags, log)
     (out / "experiment_time.json").write_text(json.dumps(result, indent=2) + "\n")  # each result as it comes
     if not skip_plain:
@@ -106,8 +109,10 @@ def main(repo: Path, model: str, out: Path, recipe: str, second: str, skip_plain
 
 def markdown(r: dict) -> str:
     first, second = r["first"], r["second"]
-    rows = "\n".join(f"| {s} | {first['stage_wall_s'].get(s)} | {second['stage_wall_s'].get(s) if s in second['stages_run'] else 'cached'} |"
-                     for s in STAGES)
+    def cell(e: dict, s: str) -> str:
+        return "cached" if e["stage_wall_s"].get(s) is None else str(e["stage_wall_s"][s])
+
+    rows = "\n".join(f"| {s} | {cell(first, s)} | {cell(second, s)} |" for s in STAGES)
     plain = ""
     for key, label in (("plain_trl_gc", "plain trl script, trl defaults (gradient checkpointing on)"),
                        ("plain_trl_nogc", "the same with gradient checkpointing off")):

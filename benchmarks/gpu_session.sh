@@ -35,10 +35,15 @@ experiment)
   echo "experiment started"
   ;;
 holdout)
-  cd "$W" && setsid nohup bash -c "dvc exp run -n gpu-holdout \$(medtune recipe recipes/gpu.yaml) \
-      \$(medtune recipe recipes/holdout_protocol.yaml) -S model.base=$MODEL -S model.revision=null" \
-      > "$B/holdout.log" 2>&1 < /dev/null &
+  cd "$W" && setsid nohup bash "$CHECKOUT/benchmarks/gpu_session.sh" holdout-fg > "$B/holdout.log" 2>&1 < /dev/null &
   echo "holdout started"
+  ;;
+holdout-fg)
+  cd "$W"
+  REV=$(python -c "from medtune.models import local_revision; print(local_revision('$MODEL'))")
+  # eval: the recipe's flags quote values that hold brackets or spaces
+  eval "dvc exp run -n gpu-holdout $(python -m medtune recipe recipes/gpu.yaml) \
+        $(python -m medtune recipe recipes/holdout_protocol.yaml) -S model.base=$MODEL -S model.revision=$REV"
   ;;
 folds)
   cd "$W"

@@ -35,7 +35,8 @@ def main(model_dir: str, data: str, out: str, result: str, gradient_checkpointin
 
     # the user's script: the prompt/completion rows, trl's defaults, the LoRA shape, one epoch
     train = datasets.load_dataset("json", data_files=data, split="train").select_columns(["prompt", "completion"])
-    args = SFTConfig(output_dir=out, num_train_epochs=1, report_to="none", activation_checkpointing=gradient_checkpointing)
+    cpu = {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": False}  # what trl needs on a CPU
+    args = SFTConfig(output_dir=out, num_train_epochs=1, report_to="none", activation_checkpointing=gradient_checkpointing, **cpu)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model_dir, args=args, train_dataset=train, peft_config=lora)
     real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])  # one epoch, no padding

@@ -32,11 +32,11 @@ def main(model_dir: Path, data: Path, out: Path, padding_free: bool, logging_ste
     from medtune import params
     from medtune import training as train
     from medtune.attention import use_varlen_attention
-    from medtune.models import end_of_turn, load_tokenizer
+    from medtune.models import end_of_turn, load_tokenizer, local_revision
     from medtune.params import ModelParams, TrainParams
 
     repo = Path(__file__).resolve().parent.parent
-    m = ModelParams(base=str(model_dir), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    m = ModelParams(base=str(model_dir), revision=local_revision(model_dir), chat_template="gemma3_base", trust_remote_code=False)
     tok = load_tokenizer(model_dir, m)
     rows = tokenized_pool(data, tok, 16 * 14, max_answer_tokens=448)
     section = params.read(repo / "params.yaml")[0]["train"] | params.read(repo / "recipes" / "gpu.yaml")[0]["train"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from medtune.params import STRICT, FormatParams, ModelParams, problems_of, secti
 from medtune.params import read as read_params
 from medtune.prompts import question_prompt
 
+log = logging.getLogger("medtune.assistant")
 DISCLAIMER = ("Not medical advice: answers come from a small research model and can be wrong or outdated. "
               "Consult a qualified clinician about any health question.")
 
@@ -68,8 +70,11 @@ def section(raw: dict, name: str, cls: type, where: str):
     return obj
 
 
-def load_tuned(path: Path, adapter: bool, exp: str | None = None) -> tuple[ChatModel, ModelParams]:
-    """The fine-tuned model: a merged folder, or base + adapter merged in memory (faster generation)."""
+def load_tuned(path: Path, adapter: bool, exp: str | None = None, trust_remote_code: bool = False) -> tuple[ChatModel, ModelParams]:
+    """The fine-tuned model: a merged folder, or base + adapter merged in memory (faster generation). A model
+    folder is input from wherever it came from: it names its base model and template, but whether Python code
+    shipped with a model may run is the user's own choice (`trust_remote_code`, their command line), never the
+    folder's."""
     if exp is None:
         local, params, where = path, read_params()[0], f"{path} (workspace)"
     else:
@@ -82,6 +87,12 @@ def load_tuned(path: Path, adapter: bool, exp: str | None = None) -> tuple[ChatM
         raise MedtuneError(f"{path}: no run_config.json (a folder written by the train or merge stage is expected)")
     rc = json.loads(rc_file.read_text())
     m = section(rc.get("params", {}), "model", ModelParams, str(rc_file))
+    if m.trust_remote_code and not trust_remote_code:
+        log.warning("%s asks to run the model's own Python code (trust_remote_code); refused: pass --trust-remote-code "
+                    "to allow it for a model you trust", rc_file)
+    m = m.model_copy(update={"trust_remote_code": trust_remote_code})
+    if trust_remote_code:
+        log.warning("--trust-remote-code: Python code shipped with %s or its base model may run", path)
     fmt = section(params, "format", FormatParams, f"params.yaml of {where}")
     if adapter:
         if not (local / "adapter_model.safetensors").exists():
@@ -263,6 +274,13 @@ def model_folder(model_dir: Path | None, adapter: Path | None, exp: str | None) 
     if exp is None and not path.is_dir():
         raise click.BadParameter(f"{path}: no such folder", param_hint="--model" if model_dir else "--adapter")
     return path
+
+
+def trust_option(command):
+    """--trust-remote-code: the only way chat, ui and serve run Python code shipped with a model."""
+    return click.option("--trust-remote-code", is_flag=True,
+                        help="run Python code shipped with the model folder or its base model (only for a model you "
+                             "trust; never taken from the folder itself)")(command)
 
 
 def limit_options(command):

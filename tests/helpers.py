@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from medtune import params
-from medtune.models import load_tokenizer
+from medtune.models import load_tokenizer, local_revision
 from medtune.params import BaseParams, CleanParams, FetchParams, FormatParams, ModelParams, SplitParams, TrainParams
 from medtune.prompts import render
 from tests.conftest import REPO, tiny_params
@@ -26,6 +26,17 @@ COLUMNS = {"question": "question", "answer": "answer", "focus": "focus", "source
 REPEAT = yaml.safe_load((REPO / "params.yaml").read_text())["clean"]["explanation_repeat_regex"]
 QUESTION = "what are the symptoms of glaucoma ?"
 DISCLAIMER = {"enabled": False, "text": "Not medical advice; see a clinician.", "position": "end", "fraction": 1.0}
+
+
+def source_in(root: Path, asset: str = "medquad_tiny.jsonl") -> str:
+    """Copy a fixture under root/data/source/, where fetch reads sources from; its path relative to root."""
+    import shutil
+
+    from tests.conftest import ASSETS
+
+    (root / "data" / "source").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ASSETS / asset, root / "data" / "source" / asset)
+    return f"data/source/{asset}"
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -67,7 +78,7 @@ def section(cls, tiny_model, name, **kw):
 
 
 def model_params(tiny_model) -> ModelParams:
-    return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    return ModelParams(base=str(tiny_model), revision=local_revision(tiny_model), chat_template="gemma3_base", trust_remote_code=False)
 
 
 def train_params(tiny_model, **kw) -> TrainParams:

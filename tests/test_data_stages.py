@@ -22,6 +22,7 @@ from medtune.dedup import NearDups
 from medtune.params import ReportParams, TrainParams
 from medtune import splitting
 from medtune.splitting import SPLITS, answer_sig, group_rows
+from medtune.models import local_revision
 from tests.conftest import ASSETS, tiny_params
 from tests.helpers import COLUMNS, clean_params, fetch_params, format_params, split_params
 
@@ -123,7 +124,7 @@ def test_format_renders_prompt_and_completion_that_training_and_eval_share(tmp_p
     from medtune.params import ModelParams
 
     split.run(split_params(), BASE, clean_dir, tmp_path / "split")
-    m = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    m = ModelParams(base=str(tiny_model), revision=local_revision(tiny_model), chat_template="gemma3_base", trust_remote_code=False)
     p = format_params(max_answer_tokens=12)
     summary = format_stage.run(p, m, tmp_path / "split", tmp_path / "fmt")
     row = read_jsonl(tmp_path / "fmt" / "train.jsonl")[0]
@@ -166,16 +167,28 @@ def test_cli_reports_every_params_problem_at_once(tmp_path, tiny_model, monkeypa
 
 def test_cli_missing_input_file_is_one_line(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.source": "data/nope.jsonl"})
+    write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.source": "data/source/nope.jsonl"})
     result = CliRunner().invoke(fetch.main, ["--out", "raw", "--metrics", "fetch.json"])
-    assert result.exit_code == 1 and "data/nope.jsonl" in result.output and "not found" in result.output
+    assert result.exit_code == 1 and "data/source/nope.jsonl" in result.output and "not found" in result.output
     assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("source", ["/etc/passwd", "../elsewhere/qa.jsonl", "data/raw/records.jsonl"])
+def test_a_source_dvc_does_not_track_is_refused_without_reading_it(tmp_path, tiny_model, monkeypatch, source):
+    """dvc.yaml's fetch stage depends on data/source/: a source elsewhere would not rerun the pipeline when it
+    changes, and an error about its columns could quote a line of a file outside the project."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.source": source})
+    result = CliRunner().invoke(fetch.main, ["--out", "raw", "--metrics", "fetch.json"])
+    assert result.exit_code == 1 and f"fetch.source {source!r}: expected a file or folder under data/source/" in result.output
+    assert "root:" not in result.output and len(result.output.strip().splitlines()) == 1 and not (tmp_path / "raw").exists()
 
 
 def test_cli_empty_dataset_fails_and_keeps_previous_output(tmp_path, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.source": "empty.jsonl"})
-    (tmp_path / "empty.jsonl").write_text("")
+    write_params(tmp_path / "params.yaml", tiny_model, **{"fetch.source": "data/source/empty.jsonl"})
+    (tmp_path / "data" / "source").mkdir(parents=True)
+    (tmp_path / "data" / "source" / "empty.jsonl").write_text("")
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "records.jsonl").write_text("previous\n")
     result = CliRunner().invoke(fetch.main, ["--out", "raw", "--metrics", "fetch.json"])
@@ -321,7 +334,7 @@ def split_dir(tmp_path, clean_dir) -> Path:
 def tiny_m(tiny_model):
     from medtune.params import ModelParams
 
-    return ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    return ModelParams(base=str(tiny_model), revision=local_revision(tiny_model), chat_template="gemma3_base", trust_remote_code=False)
 
 
 def test_format_disclaimer_goes_to_the_chosen_fraction(tmp_path, split_dir, tiny_model):
@@ -368,7 +381,7 @@ def test_format_overflow_cut_reproduces_plain_trl_truncation_and_train_accepts_i
     assert test == read_jsonl(tmp_path / "short" / "test.jsonl")  # test prompts and references do not change
 
     p = TrainParams(**(tiny_params(tiny_model)["train"] | {"max_length": 64, "max_steps": 1, "save_steps": 0}))
-    mp = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    mp = ModelParams(base=str(tiny_model), revision=local_revision(tiny_model), chat_template="gemma3_base", trust_remote_code=False)
     metrics = train.run(p, mp, BaseParams(seed=3), tmp_path / "cut", tmp_path / "adapter", tmp_path / "curves", tmp_path / "ckpt")
     assert metrics["steps"] == 1 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 

@@ -25,6 +25,7 @@ from medtune.tools import compare
 from medtune.tools import validate
 from medtune.tools import recipe as recipe_cli
 from medtune.io import read_jsonl
+from medtune.models import local_revision
 from tests.conftest import ASSETS, REPO, tiny_params
 from tests.helpers import dvc
 
@@ -197,7 +198,7 @@ def test_cpu_sized_recipe_runs_through_data_stages_and_two_train_steps(name, tin
     r = recipe(name)
     p = apply(apply(tiny_params(tiny_model), r), CPU_SIZED)
     template = r["model"]["chat_template"]  # a template file as it is; the tokenizer's own: the tiny one has none
-    p["model"].update(base=str(tiny_model), revision=None, chat_template="gemma3" if template == "model" else template)
+    p["model"].update(base=str(tiny_model), revision=local_revision(tiny_model), chat_template="gemma3" if template == "model" else template)
     for src in [p["fetch"], *p["fetch"]["mix"]]:
         fixture, extra = FIXTURES[src["source"]]
         src.update(source=f"data/source/{fixture}", revision=None, subset=None)

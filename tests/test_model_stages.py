@@ -51,7 +51,9 @@ def test_train_writes_a_safetensors_adapter_that_changed_only_lora_weights(train
     run_config = json.loads((d / "adapter" / "run_config.json").read_text())
     assert run_config["base_model"]["kind"] == "local" and "peft" in run_config["versions"]
     assert (d / "curves" / "loss.png").stat().st_size > 1000
-    assert (d / "curves" / "plots" / "metrics" / "loss.tsv").exists()
+    assert (d / "curves" / "plots" / "metrics" / "train" / "loss.tsv").exists()
+    evals = (d / "curves" / "plots" / "metrics" / "eval" / "loss.tsv").read_text().splitlines()
+    assert evals[0] == "step\tloss" and evals[1].startswith("0\t")  # the validation loss before training, at step 0
 
 
 def logged_losses(curves: Path) -> list[float]:
@@ -83,10 +85,17 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, tiny_mo
     assert not (tmp_path / "a2").exists()  # no half-written adapter
     assert [x.name for x in (tmp_path / "ckpt2").glob("checkpoint-*")] == ["checkpoint-2"]
     resumed = train.run(*args, tmp_path / "a2", tmp_path / "c2", tmp_path / "ckpt2")
-    assert resumed["resumed"] and resumed["steps"] == whole["steps"] == 4
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 4
     a, b = (load_file(tmp_path / x / "adapter_model.safetensors") for x in ("a1", "a2"))
     for k in a:  # same seed, same data order: resuming gives the same weights on CPU
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # the whole run's figures, not the resumed part's: its mean loss, its tokens, its curves numbered as one run
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-3)
+    assert resumed["tokens_trained"] == whole["tokens_trained"] and resumed["train_s"] > resumed["train_s_before_resume"] > 0
+    assert resumed["tokens_per_s"] < resumed["tokens_trained"] / resumed["wall_s"]  # the time before the resume counts
+    curves = [(tmp_path / c / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines() for c in ("c1", "c2")]
+    steps = [[line.split("\t")[0] for line in rows[1:]] for rows in curves]  # columns: step, loss
+    assert steps[0] == steps[1] == ["1", "2", "3", "4"]
 
 
 def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_model, formatted):
@@ -94,7 +103,7 @@ def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_model, forma
     with pytest.raises(Interrupt):
         train.run(train_params(tiny_model), *args, tmp_path / "a1", tmp_path / "c1", tmp_path / "ckpt", callbacks=(interrupt_at(3),))
     metrics = train.run(train_params(tiny_model, learning_rate=5e-4), *args, tmp_path / "a2", tmp_path / "c2", tmp_path / "ckpt")
-    assert not metrics["resumed"] and metrics["steps"] == 4
+    assert metrics["resumed_from_step"] == 0 and metrics["steps"] == 4
 
 
 def test_train_rejects_8bit_optimiser_without_cuda(tmp_path, tiny_model, formatted):

@@ -18,6 +18,7 @@ from medtune.console import MedtuneError
 from medtune.io import read_jsonl
 from medtune.params import ModelParams
 from medtune.splitting import SPLITS
+from medtune.models import local_revision
 from tests.helpers import clean_params, format_params, split_params
 
 text = st.one_of(
@@ -49,7 +50,7 @@ def test_random_records_pass_with_consistent_counts_or_fail_clearly(rows, tiny_m
             assert "split is empty" in str(e) and not (d / "split").exists()
             return
         assert s["train"] + s["val"] + s["test"] == c["rows_out"]
-        m = ModelParams(base=str(tiny_model), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+        m = ModelParams(base=str(tiny_model), revision=local_revision(tiny_model), chat_template="gemma3_base", trust_remote_code=False)
         try:
             f = format_stage.run(format_params(max_answer_tokens=32), m, d / "split", d / "fmt")
         except MedtuneError as e:

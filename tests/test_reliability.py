@@ -20,9 +20,9 @@ from medtune.stages import merge
 from medtune.stages import train
 from medtune.console import MedtuneError
 from medtune.params import ModelParams
-from medtune.models import resolve_base
-from tests.conftest import ASSETS, REPO, tiny_params
-from tests.helpers import BASE, clean_params, fetch_params, model_params, section, train_params
+from medtune.models import local_revision, resolve_base
+from tests.conftest import REPO, tiny_params
+from tests.helpers import BASE, clean_params, fetch_params, model_params, section, source_in, train_params
 from medtune.params import EvaluateParams, MergeParams
 
 
@@ -75,7 +75,7 @@ def test_pickle_weights_are_refused(tmp_path, tiny_model):
     shutil.copytree(tiny_model, local)
     (local / "model.safetensors").unlink()
     torch.save({}, local / "pytorch_model.bin")
-    m = ModelParams(base=str(local), revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    m = ModelParams(base=str(local), revision=local_revision(local), chat_template="gemma3_base", trust_remote_code=False)
     with pytest.raises(MedtuneError, match="only pickle .bin weights"):
         resolve_base(m)
 
@@ -112,7 +112,7 @@ def test_adapter_names_its_base_as_params_do_not_by_a_path_of_this_machine(tmp_p
     pypi: name elsewhere), never the absolute path it was loaded from on the training machine."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_model, tmp_path / "tiny")
-    m = ModelParams(base="tiny", revision=None, chat_template="gemma3_base", trust_remote_code=False)
+    m = ModelParams(base="tiny", revision=local_revision(tmp_path / "tiny"), chat_template="gemma3_base", trust_remote_code=False)
     out = tmp_path / "adapter"
     train.run(train_params(tiny_model), m, BASE, formatted, out, tmp_path / "curves", tmp_path / "k")
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
@@ -131,7 +131,7 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, tiny_model, monkeypatch
         out = tmp_path / "ro" / "raw"
     monkeypatch.chdir(tmp_path)
     p = tiny_params(tiny_model)
-    p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
+    p["fetch"]["source"] = source_in(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     result = CliRunner().invoke(fetch.main, ["--out", str(out), "--metrics", str(tmp_path / "fetch.json")])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -163,7 +163,7 @@ def test_killed_train_stage_resumes_and_ends_with_the_same_steps(tmp_path, tiny_
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((tmp_path / "train.json").read_text())
-    assert metrics["resumed"] and metrics["steps"] == 200
+    assert metrics["resumed_from_step"] >= 10 and metrics["steps"] == 200
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -176,7 +176,7 @@ def test_disk_full_while_writing_keeps_the_previous_outputs(tmp_path, tiny_model
     import sys
 
     p = tiny_params(tiny_model)
-    p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
+    p["fetch"]["source"] = source_in(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     cmd = [sys.executable, "-m", "medtune.stages.fetch", "--out", "raw", "--metrics", "fetch.json"]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -199,7 +199,7 @@ def test_secrets_never_reach_logs_or_model_cards(tmp_path, tiny_model, monkeypat
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.chdir(tmp_path)
     p = tiny_params(tiny_model)
-    p["fetch"]["source"] = str(ASSETS / "medquad_tiny.jsonl")
+    p["fetch"]["source"] = source_in(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     import subprocess
     import sys

@@ -98,6 +98,6 @@ def test_ui_streams_answers_with_disclaimer_examples_and_side_by_side(ui, tiny_m
         answers = page.locator('#tuned [data-testid="bot"]').count()
         box.fill("word " * 80)  # a bad question shows its one-line reason, and nothing is generated
         page.locator("#ask").click()
-        expect(page.get_by_text("over chat.max_prompt_tokens (64)").first).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("over --max-prompt-tokens (64)").first).to_be_visible(timeout=30_000)
         assert page.locator('#tuned [data-testid="bot"]').count() == answers
         b.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, limit_options, load_base, load_tuned, model_folder
+from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, limit_options, trust_option, load_base, load_tuned, model_folder
 from medtune.console import cli_errors, setup_logging
 
 
@@ -44,13 +44,14 @@ def ask(cm: ChatModel, question: str, limits: Limits, header: str | None) -> Non
 @click.option("--exp", help="take the folder from this DVC experiment or git revision instead of the workspace")
 @click.option("--compare", is_flag=True, help="also stream the base model's answer to the same prompt")
 @limit_options
+@trust_option
 def main(question: str | None, model_dir: Path | None, adapter: Path | None, exp: str | None, compare: bool,
-         limits: Limits) -> None:
+         limits: Limits, trust_remote_code: bool) -> None:
     """Answer QUESTION (or each line of stdin) with the fine-tuned model, streamed."""
     setup_logging()
     path = model_folder(model_dir, adapter, exp)
     with cli_errors(kept=False):
-        tuned, m = load_tuned(path, adapter is not None, exp)
+        tuned, m = load_tuned(path, adapter is not None, exp, trust_remote_code)
         base = load_base(m, tuned.fmt) if compare else None
         click.echo(DISCLAIMER, err=True)
         for q in [question] if question is not None else (line.strip() for line in sys.stdin):

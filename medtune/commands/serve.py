@@ -34,7 +34,7 @@ from fastapi import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medtune.assistant import (DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, load_base, load_tuned,
+from medtune.assistant import (DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, trust_option, load_base, load_tuned,
                                model_folder)
 from medtune.console import MedtuneError, cli_errors, setup_logging
 from medtune.serving import ClientGone, DisclaimerHeader, Scheduler, TimedOut, follow
@@ -216,15 +216,16 @@ def make_app(models: dict[str, ChatModel], cp: Limits, max_request_bytes: int, m
 @click.option("--request-timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="seconds a request may wait and generate; then it ends with 503 (an error event once streaming)")
 @limit_options
+@trust_option
 def main(model_dir: Path | None, adapter: Path | None, exp: str | None, with_base: bool, host: str, port: int,
-         max_request_bytes: int, max_batch: int, max_queue: int, request_timeout: float, limits: Limits) -> None:
+         max_request_bytes: int, max_batch: int, max_queue: int, request_timeout: float, limits: Limits, trust_remote_code: bool) -> None:
     """Serve the fine-tuned model over an OpenAI-compatible HTTP API."""
     import uvicorn
 
     setup_logging()
     path = model_folder(model_dir, adapter, exp)
     with cli_errors(kept=False):
-        tuned, m = load_tuned(path, adapter is not None, exp)
+        tuned, m = load_tuned(path, adapter is not None, exp, trust_remote_code)
         models = {"tuned": tuned} | ({"base": load_base(m, tuned.fmt)} if with_base else {})
     log.info("serving %s on http://%s:%d/v1", ", ".join(f"{k} = {cm.label}" for k, cm in models.items()), host, port)
     app = make_app(models, limits, max_request_bytes, max_batch, max_queue, request_timeout)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, load_base, load_tuned, model_folder
+from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, trust_option, load_base, load_tuned, model_folder
 from medtune.console import cli_errors, setup_logging
 
 log = logging.getLogger("medtune.ui")
@@ -85,14 +85,15 @@ def theme():
 @click.option("--example", "examples", multiple=True, default=EXAMPLES, show_default=True,
               help="an example question shown under the chat box (repeat the option for several)")
 @limit_options
+@trust_option
 def main(model_dir: Path | None, adapter: Path | None, exp: str | None, no_compare: bool, host: str, port: int,
-         examples: tuple[str, ...], limits: Limits) -> None:
+         examples: tuple[str, ...], limits: Limits, trust_remote_code: bool) -> None:
     """Chat with the fine-tuned model in the browser."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     setup_logging()
     path = model_folder(model_dir, adapter, exp)
     with cli_errors(kept=False):
-        tuned, m = load_tuned(path, adapter is not None, exp)
+        tuned, m = load_tuned(path, adapter is not None, exp, trust_remote_code)
         base = None if no_compare else load_base(m, tuned.fmt)
     log.info("web UI on http://%s:%d (%s)", host, port, tuned.label)
     build(tuned, base, limits, list(examples)).queue().launch(server_name=host, server_port=port, share=False, show_error=True,

@@ -20,10 +20,10 @@ from pathlib import Path
 import click
 
 from medtune import params
-from medtune.console import cli_errors, log_params, setup_logging
+from medtune.console import MedtuneError, cli_errors, log_params, setup_logging
 from medtune.io import atomic_dir, jsonl_text, write_json, write_text_atomic
 from medtune.params import BaseParams, FetchParams
-from medtune.sources import collect
+from medtune.sources import collect, location_problem
 
 log = logging.getLogger("medtune.fetch")
 
@@ -47,6 +47,8 @@ def main(out_dir: Path, metrics_file: Path) -> None:
     setup_logging()
     with cli_errors():
         base, p = params.load("base", "fetch")
+        if problems := [why for s in [p, *p.mix] if (why := location_problem(s.source))]:
+            raise MedtuneError("; ".join(problems))
         log_params("fetch", ("fetch", p))
         summary = run(p, base, out_dir)
         write_json(metrics_file, {"rows": summary["rows"], "wall_s": round(time.perf_counter() - started, 1)})

@@ -21,10 +21,10 @@ import click
 
 from medtune import params
 from medtune.console import cli_errors, log_params, setup_logging
+from medtune.curves import plot_loss, write_curves
 from medtune.io import atomic_dir, write_json
 from medtune.models import device_name, lineage, versions
 from medtune.params import BaseParams, ModelParams, TrainParams
-from medtune.curves import plot_loss
 from medtune.training import fit
 
 log = logging.getLogger("medtune.train")
@@ -35,12 +35,13 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     """`started`: when the stage began (time.perf_counter), so that its wall time and tokens/s cover everything a
     user waits for: imports, loading, checks, training, evaluation, saving."""
     started = time.perf_counter() if started is None else started
-    f = fit(p, m, base.seed, data_dir, ckpt_dir, curves_dir, callbacks)
+    f = fit(p, m, base.seed, data_dir, ckpt_dir, callbacks)
     if not f.main_process:
         return f.metrics
-    curves_dir.mkdir(parents=True, exist_ok=True)
-    plot_loss(f.history, curves_dir / "loss.png")
-    write_json(curves_dir / "log_history.json", f.history)
+    with atomic_dir(curves_dir) as tmp:  # the whole run's curves, a resumed one's too
+        write_curves(f.history, tmp)
+        plot_loss(f.history, tmp / "loss.png")
+        write_json(tmp / "log_history.json", f.history)
     model = f.trainer.accelerator.unwrap_model(f.trainer.model)
     for config in model.peft_config.values():  # the base as params name it, not the folder it was loaded from here
         config.base_model_name_or_path = m.base
@@ -58,8 +59,9 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         })
     log.info("saved adapter to %s", out_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the next run of this stage starts fresh
-    wall = time.perf_counter() - started
-    return f.metrics | {"wall_s": round(wall, 1), "tokens_per_s": round(f.metrics["tokens_trained"] / wall, 1)}
+    wall = time.perf_counter() - started  # this process's; a resumed run adds the training time before the resume
+    return f.metrics | {"wall_s": round(wall, 1),
+                        "tokens_per_s": round(f.metrics["tokens_trained"] / (wall + f.metrics["train_s_before_resume"]), 1)}
 
 
 @click.command()

@@ -19,10 +19,18 @@ def problems(path: Path) -> list[str]:
 
     data, lines = params.read(path)
     found = params.check_all(data, lines, str(path))
+    base = str((data.get("model") or {}).get("base", ""))
+    if any("model.revision" in x for x in found) and Path(base).is_dir():  # the hash that pins a local folder
+        from medtune.models import local_revision
+
+        found.append(f"{path}: model.base {base!r}: pin it with model.revision: {local_revision(Path(base))}")
     if not found:
-        (m,) = params.load("model", path=path)
+        from medtune.sources import location_problem
+
+        m, f = params.load("model", "fetch", path=path)
         if (why := template_problem(m)) is not None:
             found.append(f"{path}:{lines.get(('model', 'chat_template'), '?')}: {why}")
+        found += [f"{path}:{lines.get(('fetch', 'source'), '?')}: {why}" for s in [f, *f.mix] if (why := location_problem(s.source))]
     return found
 
 
