@@ -32,7 +32,11 @@ def evil_folder(tiny_model: Path, root: Path) -> Path:
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "evil.py").write_text(f"from pathlib import Path\nPath({str(root / 'pwned')!r}).write_text('ran')\n"
-                                    "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilForCausalLM\n")
+                                    "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                    # subclasses: loading marks the class it loads for auto-saving, and that mark
+                                    # must not land on transformers' own LlamaForCausalLM for the rest of the run
+                                    "class EvilConfig(LlamaConfig):\n    pass\n"
+                                    "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
     return folder
 
 

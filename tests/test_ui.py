@@ -40,7 +40,8 @@ def ui(workdir, tiny_adapter, tmp_path_factory):
     d = tmp_path_factory.mktemp("ui")
     (d / "params.yaml").write_text((workdir / "params.yaml").read_text())
     examples = ["What are the symptoms of glaucoma ?", "Is cystic fibrosis inherited ?"]
-    limits = ["--max-new-tokens", str(NEW_TOKENS), "--max-new-tokens-cap", str(NEW_TOKENS)]  # long enough to see it grow
+    # answers long enough to see them grow; questions of at most 64 prompt tokens, so that a long one is refused
+    limits = ["--max-new-tokens", str(NEW_TOKENS), "--max-new-tokens-cap", str(NEW_TOKENS), "--max-prompt-tokens", "64"]
     proc, url = start_server(["medtune.commands.ui", "--adapter", str(tiny_adapter), *limits,
                               *[x for q in examples for x in ("--example", q)]], d, "/", d / "ui.log")
     yield url, d, examples
