@@ -46,7 +46,13 @@ def main(model_dir: Path, data: Path, out: Path, n: int, max_new_tokens: int, ba
     from medtune import params
     from medtune.generation import greedy
     from medtune.io import read_jsonl
-    from medtune.models import device_name, load_tokenizer, local_revision, stop_token_ids, versions
+    from medtune.models import (
+        device_name,
+        load_tokenizer,
+        local_revision,
+        stop_token_ids,
+        versions,
+    )
     from medtune.params import ModelParams
     from medtune.prompts import render
 

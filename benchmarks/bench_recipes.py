@@ -93,11 +93,10 @@ def recipe_params(name: str, model_dir: Path, data: Path, steps: int) -> dict:
 
 def run_recipe(name: str, model_dir: Path, data: Path, work: Path, steps: int) -> dict:
     import os
+    import shutil
 
     import torch
     from click.testing import CliRunner
-
-    import shutil
 
     (work / "data" / "source").mkdir(parents=True, exist_ok=True)
     shutil.copy(data, work / "data" / "source" / data.name)  # where fetch reads its sources

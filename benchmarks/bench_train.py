@@ -236,7 +236,13 @@ def main(model_dir: Path, data: Path, out: Path, steps: int, warmup: int, suites
 
     from medtune import params
     from medtune import training as train
-    from medtune.models import device_name, end_of_turn, load_tokenizer, local_revision, versions
+    from medtune.models import (
+        device_name,
+        end_of_turn,
+        load_tokenizer,
+        local_revision,
+        versions,
+    )
     from medtune.params import ModelParams, TrainParams
     from medtune.strict import section_problems
 

@@ -1,7 +1,8 @@
 """What users wait for, measured end to end: the README's GPU command (`dvc exp run` with recipes/gpu.yaml on the
 full MedQuAD pool) from start to the merged model and every metric written; then, in the same call, the plain trl
 script (benchmarks/plain_trl.py: trl's defaults plus the LoRA config) on the same formatted rows, with and
-without gradient checkpointing; then a second experiment (another learning rate), to show the warm cost.
+without gradient checkpointing; then the first experiment's params with `-S export.enabled=true` (the run you
+ship: only the export stage runs); then a second experiment (another learning rate), to show the warm cost.
 
     python benchmarks/experiment_time.py --repo /tmp/work --model /tmp/models/gemma-3-270m --out $OUT/exp
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import click
 
 STAGES = {"fetch": "fetch", "clean": "clean", "split": "split", "format": "format", "report": "data_quality",
-          "train": "train", "evaluate_base": "eval_base", "evaluate_tuned": "eval_tuned", "merge": "merge"}
+          "train": "train", "evaluate_base": "eval_base", "evaluate_tuned": "eval_tuned", "merge": "merge",
+          "export": "export"}
 
 
 def sh(cmd: list[str], cwd: Path, log: Path) -> tuple[float, str]:
@@ -42,18 +44,25 @@ def metrics(repo: Path, name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def details(repo: Path, which: str) -> dict:
+    """The evaluate stage's full metrics (confidence intervals and all), beside its headline file in metrics/."""
+    path = repo / "eval" / which / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def experiment(repo: Path, name: str, flags: list[str], log: Path) -> dict:
     wall, output = sh([sys.executable, "-m", "dvc", "exp", "run", "-n", name, *flags], repo, log)
     ran = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
     # a stage DVC did not run (unchanged, or restored from its run cache) has no wall time in this experiment
     stage_wall = {stage: metrics(repo, f).get("wall_s") if stage in ran else None for stage, f in STAGES.items()}
-    train, tuned, merge = metrics(repo, "train"), metrics(repo, "eval_tuned"), metrics(repo, "merge")
+    train, tuned, merge = metrics(repo, "train"), details(repo, "tuned"), metrics(repo, "merge")
     return {"name": name, "exp_run_wall_s": round(wall, 1), "stage_wall_s": stage_wall, "stages_run": ran,
             "train_real_tokens": train.get("tokens_trained"), "train_wall_s": train.get("wall_s"),
             "train_tokens_per_s": train.get("tokens_per_s"), "train_steps": train.get("steps"),
-            "rougeL": tuned.get("rougeL"), "base_rougeL": metrics(repo, "eval_base").get("rougeL"),
+            "rougeL": tuned.get("rougeL"), "base_rougeL": details(repo, "base").get("rougeL"),
             "delta_rougeL": tuned.get("delta_rougeL"), "delta_rougeL_ci": tuned.get("delta_rougeL_ci"),
-            "runaway_rate": tuned.get("runaway_rate"), "n_test": tuned.get("n"), "merge_passed": merge.get("passed")}
+            "runaway_rate": tuned.get("runaway_rate"), "n_test": tuned.get("n"), "merge_passed": merge.get("passed"),
+            "export": metrics(repo, "export") if "export" in ran else None}
 
 
 def plain(repo: Path, model: str, out: Path, gc: bool, log: Path) -> dict:
@@ -90,6 +99,10 @@ def main(repo: Path, model: str, out: Path, recipe: str, second: str, skip_plain
         for gc in (True, False):
             result["plain_trl_gc" if gc else "plain_trl_nogc"] = plain(repo, model, out, gc, log)
             (out / "experiment_time.json").write_text(json.dumps(result, indent=2) + "\n")
+    # the run you ship: the first experiment's params, still in the workspace, with the GGUF export on; every
+    # other stage is up to date, so only export runs
+    result["export_run"] = experiment(repo, "gpu-export", flags + ["-S", "export.enabled=true"], log)
+    (out / "experiment_time.json").write_text(json.dumps(result, indent=2) + "\n")
     result["second"] = experiment(repo, "gpu-2", flags + ["-S", second], log)
     p = result.get("plain_trl_gc", {})
     result |= {"exp_run_wall_s": first["exp_run_wall_s"], "stage_wall_s": first["stage_wall_s"],
@@ -141,6 +154,24 @@ Quality (test split of the run, n = {first['n_test']}, greedy): ROUGE-L base {fi
 {first['rougeL']} (delta {first['delta_rougeL']} {first['delta_rougeL_ci']}), runaway {first['runaway_rate']},
 merge check passed: {first['merge_passed']}. Second experiment: ROUGE-L {second['rougeL']}, runaway
 {second['runaway_rate']}.
+{export_section(r.get("export_run"))}"""
+
+
+def export_section(e: dict | None) -> str:
+    if not e or not e.get("export"):
+        return ""
+    x = e["export"]
+    rows = "\n".join(f"| {t} | {x[t]['bytes']:,} | {x[t]['write_s']} | {x[t]['check_s']} | {x[t]['max_abs_logit_diff']} | "
+                     f"{x[t]['passed']} |" for t in x if isinstance(x[t], dict) and "bytes" in x[t])
+    return f"""
+## The run you ship: `-S export.enabled=true` on the first experiment's params
+
+`dvc exp run` wall {e['exp_run_wall_s']} s (stages run: {', '.join(e['stages_run'])}); export stage wall
+{x.get('wall_s')} s, parity check passed: {x.get('passed')}.
+
+| type | bytes | write s | check s | max abs logit diff | passed |
+| --- | ---: | ---: | ---: | ---: | --- |
+{rows}
 """
 
 

@@ -13,11 +13,11 @@ import time
 
 STARTED = time.perf_counter()  # before the imports below, which are part of what a user waits for
 
-import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import sys
+from pathlib import Path
 
-import click  # noqa: E402
+import click
 
 
 @click.command()

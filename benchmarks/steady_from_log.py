@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: import bench_train's rule
-from benchmarks.bench_train import step_summary  # noqa: E402
+from benchmarks.bench_train import step_summary
 
 
 def steps_from_chunk(chunk: str, warmup: int) -> list[tuple[float, int]]:

@@ -17,8 +17,20 @@ import click
 from pydantic import BaseModel, PositiveInt, model_validator
 
 from medtune.console import MedtuneError
-from medtune.models import load_adapter, load_model, load_tokenizer, resolve_base, stop_token_ids
-from medtune.params import STRICT, FormatParams, ModelParams, problems_of, section_problems
+from medtune.models import (
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+    stop_token_ids,
+)
+from medtune.params import (
+    STRICT,
+    FormatParams,
+    ModelParams,
+    problems_of,
+    section_problems,
+)
 from medtune.params import read as read_params
 from medtune.prompts import question_prompt
 

@@ -43,7 +43,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if cu is None:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
-            from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+            from transformers.modeling_flash_attention_utils import (
+                prepare_fa_kwargs_from_position_ids,
+            )
 
             (cu, _), (max_len, _) = prepare_fa_kwargs_from_position_ids(position_ids)
         else:

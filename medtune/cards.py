@@ -25,7 +25,8 @@ DISCLAIMER = ("Not medical advice. This model is a research artifact fine-tuned 
               "answers can be wrong, outdated or incomplete. Do not use it to diagnose, treat or make decisions about "
               "anyone's health: consult a qualified clinician.")
 METRICS = (("rougeL", "ROUGE-L F1"), ("rouge1", "ROUGE-1 F1"), ("rouge2", "ROUGE-2 F1"), ("token_f1", "token F1"))
-OPTIONAL_METRICS = (("mcq_accuracy", "MCQ accuracy", "mcq_correct"), ("bertscore_f1", "BERTScore F1", "bertscore_f1"))
+OPTIONAL_METRICS = (("mcq_accuracy", "MCQ accuracy", "mcq_correct"), ("bertscore_f1", "BERTScore F1", "bertscore_f1"),
+                    ("entity_f1", "medical entity F1", "entity_f1"))
 RATES = (("runaway_rate", "answers hitting the token limit"), ("repetition_rate", "repetitive answers"),
          ("disclaimer_rate", "answers with the disclaimer"), ("referral_rate", "answers referring to a clinician"))
 DATA_FIELDS = ("Source", "Citation", "License", "Changes made", "Known issues")  # bullets read from the data card; Source, License required
@@ -80,8 +81,8 @@ def eval_table(inp: CardInputs) -> tuple[str, dict, dict]:
         lines.append(f"| {label} | {b:.3f} {ci(metric(base, key + '_ci', inp.eval_base))} "
                      f"| {t:.3f} {ci(metric(tuned, key + '_ci', inp.eval_tuned))} "
                      f"| {metric(tuned, 'delta_' + key, inp.eval_tuned):+.3f} {ci(metric(tuned, f'delta_{key}_ci', inp.eval_tuned))} |")
-    for key, label, delta in OPTIONAL_METRICS:  # present only for some data (MCQ) or settings (BERTScore)
-        if key in base and key in tuned:
+    for key, label, delta in OPTIONAL_METRICS:  # present only for some data (MCQ) or settings (BERTScore, --lexicon)
+        if base.get(key) is not None and tuned.get(key) is not None:  # entity F1: None if no reference names one
             d = f"{tuned[f'delta_{delta}']:+.3f} {ci(tuned[f'delta_{delta}_ci'])}" if f"delta_{delta}" in tuned else ""
             lines.append(f"| {label} | {base[key]:.3f} {ci(base[key + '_ci'])} | {tuned[key]:.3f} {ci(tuned[key + '_ci'])} | {d} |")
     for key, label in RATES:
@@ -160,7 +161,7 @@ model the same way (medtune's `chat`, `ui` and `serve` commands do).
 {params_yaml}
 ```
 
-Trained on {rc.get('device', '?')}; {versions}.
+Trained on {rc.get('device', '?')} with {versions}.
 
 ## Evaluation
 

@@ -1,16 +1,12 @@
 """Training that survives an interruption: checkpoints kept only for a run with the same params and data, resumed
-from the last complete one, and the figures of a resumed run reported for the whole run (its loss, its time).
-Also the guard that stops a run whose loss is no longer a number."""
+from the last complete one, and the figures of a resumed run reported for the whole run (its loss, its time)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
-
-from medtune.console import MedtuneError
 
 
 def fingerprint(*objs, data_file: Path) -> str:
@@ -35,34 +31,6 @@ def complete_checkpoint(ckpt_dir: Path) -> Path | None:
     trainer_state.json, which the Trainer writes last; resuming from it would fail."""
     done = [c for c in ckpt_dir.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
     return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
-
-
-def guards(before_s: float) -> list:
-    """The callbacks every run gets: stop on a loss or gradient norm that is no longer a number (no adapter of NaN
-    weights is saved), and keep the training time in each checkpoint so that a resumed run reports its whole time."""
-    import math
-
-    from transformers import TrainerCallback
-
-    class FiniteLoss(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            for key in ("loss", "grad_norm", "eval_loss"):
-                value = (logs or {}).get(key)
-                if isinstance(value, (int, float)) and not math.isfinite(value):
-                    raise MedtuneError(f"train: the {key.replace('_', ' ')} became {value} at step {state.global_step} "
-                                       f"(train.learning_rate={args.learning_rate:g}); training stopped and no adapter "
-                                       "was saved: lower train.learning_rate or check the data")
-
-    class Elapsed(TrainerCallback):
-        def __init__(self):
-            self.started = time.perf_counter()
-
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                (ckpt / ELAPSED).write_text(json.dumps({"train_s": before_s + time.perf_counter() - self.started}))
-
-    return [FiniteLoss(), Elapsed()]
 
 
 ELAPSED = "medtune_elapsed.json"  # training seconds up to a checkpoint, kept in it

@@ -61,9 +61,10 @@ def log_params(stage: str, *sections: tuple[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def cli_errors(kept: bool = True) -> Iterator[None]:
-    """Turn expected failures into a one-line click error (exit 1) instead of a traceback. `kept`: whether the
-    command writes outputs whose previous version an interrupted write leaves in place (the stages do)."""
+def cli_errors(kept: bool = True, persist: bool = False) -> Iterator[None]:
+    """Turn expected failures into a one-line click error (exit 1) instead of a traceback. `kept`: the command
+    writes outputs atomically, so a failed write leaves the previous ones (the stages; not the commands).
+    `persist`: dvc.yaml marks the stage's outputs persist, so DVC does not remove them before running it either."""
     try:
         yield
     except MedtuneError as e:
@@ -71,5 +72,15 @@ def cli_errors(kept: bool = True) -> Iterator[None]:
     except OSError as e:  # disk full, permission denied: name the file
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         full = " (is the disk full?)" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
-        tail = "; the previous outputs were kept" if kept else ""
-        raise click.ClickException(f"{where}{e.strerror or e}{full}{tail}") from None
+        raise click.ClickException(f"{where}{e.strerror or e}{full}{outputs_note(kept, persist)}") from None
+
+
+def outputs_note(kept: bool, persist: bool) -> str:
+    """What is true of the previous outputs after a failure: under `dvc repro` (DVC_STAGE set), DVC removed the
+    outputs of a stage without `persist` before running it; they come back from its cache."""
+    stage = os.environ.get("DVC_STAGE")
+    if not kept:
+        return ""
+    if stage and not persist:
+        return f"; DVC removed this stage's previous outputs before running it: `dvc checkout {stage}` restores them"
+    return "; the previous outputs were kept"

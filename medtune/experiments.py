@@ -3,12 +3,11 @@ predictions, model folders) read from its commit and the DVC cache without check
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import json
 
 from medtune.console import MedtuneError
 from medtune.models import cache_dir

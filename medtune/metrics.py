@@ -11,8 +11,8 @@ from collections import Counter
 import numpy as np
 
 from medtune.console import MedtuneError
-from medtune.params import EvaluateParams
 from medtune.models import device
+from medtune.params import EvaluateParams
 from medtune.prompts import trained_tokens
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -172,10 +172,13 @@ def paired_delta(scored: list[dict], baseline: list[dict], p: EvaluateParams, se
         raise MedtuneError(f"baseline predictions lack {len(missing)} test ids (e.g. {missing[0]}); re-run evaluate_base")
     out = {}
     keys = ROUGE_KEYS + ("token_f1",) + (("mcq_correct",) if scored and "mcq_correct" in scored[0] else ())
-    for k in keys:
-        d = np.array([s[k] - base_by_id[s["id"]][k] for s in scored])
-        out[f"delta_{k}"] = round(float(d.mean()), 4)
-        out[f"delta_{k}_ci"] = bootstrap_ci(d, p, seed)
+    keys += ("entity_f1",) if scored and "entity_f1" in scored[0] else ()
+    for k in keys:  # entity F1 is None for a question whose reference names no entity: left out on both sides
+        pairs = [(s[k], base_by_id[s["id"]].get(k)) for s in scored]
+        d = np.array([a - b for a, b in pairs if a is not None and b is not None])
+        if d.size:
+            out[f"delta_{k}"] = round(float(d.mean()), 4)
+            out[f"delta_{k}_ci"] = bootstrap_ci(d, p, seed)
     return out
 
 

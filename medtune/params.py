@@ -13,7 +13,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, StrictBool, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    StrictBool,
+    model_validator,
+)
 
 from medtune.console import MedtuneError
 from medtune.strict import STRICT, flat, problems_of, read_yaml, section_problems  # noqa: F401 (flat: for callers)
@@ -52,15 +60,18 @@ class ModelParams(BaseModel):
     @model_validator(mode="after")
     def _check(self):
         r = self.revision or ""
+        # what was given, or that nothing was: "None can move" would read as if None were a revision
+        given = f"{self.revision!r} can move" if r else "pin the base model"
         if self.base.startswith("pypi:"):
             if not r:
                 problems_of(["revision: pin the base model's package version"])
         elif is_hub_id(self.base):
             if not (COMMIT.fullmatch(r) or (r.startswith("tag:") and len(r) > 4)):
-                problems_of([f"revision: {self.revision!r} can move: a hub model needs a commit sha (40 hex digits), or "
+                problems_of([f"revision: {given}: a hub model needs a commit sha (40 hex digits), or "
                              "\"tag:<name>\" for a tag you vouch for"])
         elif not WEIGHTS.fullmatch(r):
-            problems_of([f"revision: {self.revision!r}: a local model folder is pinned by its weights' hash, "
+            given = f"{self.revision!r}" if r else "pin the base model"
+            problems_of([f"revision: {given}: a local model folder is pinned by its weights' hash, "
                          "\"sha256:<64 hex digits>\" (`medtune validate` prints it)"])
         return self
 
@@ -263,6 +274,14 @@ class MergeParams(BaseModel):
     max_shard_size: str  # safetensors files are split above this size (e.g. "2GB"): large models load piecewise
 
 
+class ExportParams(BaseModel):
+    model_config = STRICT
+    enabled: StrictBool  # write the GGUF files and the Modelfile; false: the stage records that it skipped
+    types: Annotated[dict[Literal["f32", "f16", "bf16", "q8_0"], NonNegativeFloat], Field(min_length=1)]  # type -> max |logit diff|
+    check_prompts: PositiveInt  # test prompts used for the token, logits and greedy-answer checks
+    check_new_tokens: PositiveInt  # length of the greedy answers compared
+
+
 class CardParams(BaseModel):
     model_config = STRICT
     hub_ids: dict[str, str]  # model.base -> hub id, for bases that are not hub ids (pypi: packages, local folders)
@@ -273,7 +292,7 @@ class CardParams(BaseModel):
 SECTIONS: dict[str, type[BaseModel]] = {
     "base": BaseParams, "model": ModelParams, "fetch": FetchParams, "clean": CleanParams, "split": SplitParams,
     "format": FormatParams, "report": ReportParams, "train": TrainParams, "evaluate": EvaluateParams,
-    "merge": MergeParams, "card": CardParams,
+    "merge": MergeParams, "export": ExportParams, "card": CardParams,
 }
 
 

@@ -12,10 +12,24 @@ import time
 from pathlib import Path
 
 from medtune.attention import compile_decoder_layers, use_varlen_attention
-from medtune.checkpoints import before_resume, complete_checkpoint, fingerprint, guards, last_checkpoint, whole_run_loss
-from medtune.console import MedtuneError
+from medtune.callbacks import Progress, StartOfCurve, guards
+from medtune.checkpoints import (
+    before_resume,
+    complete_checkpoint,
+    fingerprint,
+    last_checkpoint,
+    whole_run_loss,
+)
+from medtune.console import MedtuneError, on_terminal
 from medtune.io import read_jsonl
-from medtune.models import device, load_model, load_tokenizer, resolve_base, set_seed, stop_token_ids
+from medtune.models import (
+    device,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+    set_seed,
+    stop_token_ids,
+)
 from medtune.params import ModelParams, TrainParams
 from medtune.prompts import trained_tokens
 
@@ -185,6 +199,7 @@ def sft_config(p: TrainParams, seed: int, ckpt_dir: Path, eot: str, cuda: bool):
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         report_to="none",
+        disable_tqdm=not on_terminal(),  # a redrawn bar in a log is thousands of lines; Progress logs lines instead
         # check_examples made sure no example is longer, so nothing is truncated; trl refuses a max_length it
         # would not enforce (padding-free without packing)
         max_length=p.max_length if p.packing or not p.padding_free else None,
@@ -212,19 +227,6 @@ def check_finite(model) -> None:
     if bad:
         raise MedtuneError(f"train: {len(bad)} adapter tensors hold NaN or inf (e.g. {bad[0]}); the adapter was not "
                            "saved: lower train.learning_rate")
-
-
-def StartOfCurve(metrics: dict):
-    """A callback that puts the evaluation made before training at step 0 of the run's history (the Trainer starts
-    the history afresh when training begins), so that the curves, and the checkpoints' copies, begin there."""
-    from transformers import TrainerCallback
-
-    class Callback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.global_step == 0:
-                state.log_history.insert(0, {**metrics, "step": 0})
-
-    return Callback()
 
 
 @dataclasses.dataclass
@@ -279,7 +281,7 @@ def fit(p: TrainParams, m: ModelParams, seed: int, data_dir: Path, ckpt_dir: Pat
     before_s = before_resume(resume)
     trainer = SFTTrainer(model=model, args=sft_config(p, seed, ckpt_dir, eot, cuda), train_dataset=train_ds,
                          eval_dataset=val_ds, processing_class=tok, peft_config=lora_config(p),
-                         callbacks=[*guards(before_s), *callbacks])
+                         callbacks=[*guards(before_s), *([] if on_terminal() else [Progress()]), *callbacks])
     check_trainer_examples(trainer, rows["train"], toks["train"])
     trainable = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     if cuda:

@@ -65,6 +65,61 @@ def tiny_model(tmp_path_factory, tiny_rows) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), tiny_rows)
 
 
+def build_tiny_gguf_model(out: Path, rows: list[dict], arch: str) -> Path:
+    """A 2-layer Gemma 3 or Llama whose tokenizer a GGUF can hold: SentencePiece-style BPE with byte fallback,
+    trained here on the fixture's text (Gemma 3's merges rebuilt from token order, as transformers' GGUF reader
+    builds them for the default model; Llama's as trained). Gemma's norms are random, so their +1 shows."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GemmaTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaTokenizer,
+    )
+    from transformers.tokenization_utils_base import generate_merges
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    bpe.train_from_iterator([f"{r['question']} {r['answer']}" for r in rows] + ["user model system"],
+                            trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    trained = json.loads(bpe.to_str())["model"]
+    specials = SPECIALS[:4] + ["<mask>"] + SPECIALS[4:]
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + sorted(trained["vocab"], key=trained["vocab"].get)
+    tokens += ["\u2581" * 2, "\u2581" * 3] if arch == "gemma3" else []  # Gemma's whitespace runs (GGUF: real spaces)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    kw = {"extra_special_tokens": ["<start_of_turn>", "<end_of_turn>"], "add_bos_token": True}
+    ids = {"bos_token_id": vocab["<bos>"], "eos_token_id": vocab["<eos>"], "pad_token_id": vocab["<pad>"]}
+    torch.manual_seed(0)
+    if arch == "gemma3":
+        tok = GemmaTokenizer(vocab=vocab, merges=generate_merges(vocab, {t: -i for t, i in vocab.items()}), **kw)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                   head_dim=256, sliding_window=16, max_position_embeddings=512, **ids))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0, 0.5)
+    else:
+        tok = LlamaTokenizer(vocab=vocab, merges=[tuple(m) for m in trained["merges"]], bos_token="<bos>",
+                             eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", **kw)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=512, tie_word_embeddings=False, **ids))
+    model.generation_config.eos_token_id = [vocab["<eos>"], vocab["<end_of_turn>"]]
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_models(tmp_path_factory, tiny_rows) -> dict[str, Path]:
+    """{"gemma3": folder, "llama": folder}: tiny models the GGUF export can write (tests/test_export.py)."""
+    return {arch: build_tiny_gguf_model(tmp_path_factory.mktemp(f"tiny-{arch}"), tiny_rows, arch) for arch in ("gemma3", "llama")}
+
+
 def tiny_params(tiny_model: Path) -> dict:
     """The repository's params.yaml, shrunk to the tiny model and a few steps."""
     from medtune.models import local_revision
@@ -106,9 +161,9 @@ def repo_copy(tmp_path, tiny_model) -> Path:
 @pytest.fixture(scope="session")
 def formatted(tmp_path_factory, tiny_model) -> Path:
     """The tiny fixture rows through fetch, clean, split and format: data/formatted of the tiny model."""
+    from medtune import params as P
     from medtune.stages import clean, fetch, split
     from medtune.stages import format as format_stage
-    from medtune import params as P
     from tests.helpers import BASE, model_params, section
 
     d = tmp_path_factory.mktemp("data")

@@ -17,7 +17,15 @@ import yaml
 
 from medtune import params
 from medtune.models import load_tokenizer, local_revision
-from medtune.params import BaseParams, CleanParams, FetchParams, FormatParams, ModelParams, SplitParams, TrainParams
+from medtune.params import (
+    BaseParams,
+    CleanParams,
+    FetchParams,
+    FormatParams,
+    ModelParams,
+    SplitParams,
+    TrainParams,
+)
 from medtune.prompts import render
 from tests.conftest import REPO, tiny_params
 

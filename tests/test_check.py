@@ -6,10 +6,12 @@ with a pulled file, with a metric, and raise a threshold: each fails with a mess
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from click.testing import CliRunner
 
 from medtune.tools import check
@@ -46,34 +48,53 @@ def test_check_on_a_pulled_clone_passes_then_names_what_was_tampered(repo_copy, 
     dvc(clone, "pull")
     ok = run_check(clone, *TINY_CHECK)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("check passed: dvc status clean; delta_rougeL")
+    assert ok.stdout.startswith("check passed: every file matches dvc.lock; delta_rougeL")
     assert "adapter answered 2 test question(s)" in ok.stdout
 
+    # one byte changed in place, the file's time put back: `dvc status` trusts its cached hash, the check hashes
     weights = clone / "models" / "adapter" / "adapter_model.safetensors"
-    original = weights.read_bytes()
-    weights.write_bytes(original[:-64] + bytes(64))  # same size, last tensor bytes zeroed
+    original, stat = weights.read_bytes(), weights.stat()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert "up to date" in dvc(clone, "status").lower() or "Data and pipelines are up to date" in dvc(clone, "status")
     bad = run_check(clone, *TINY_CHECK)
     assert bad.returncode == 1
-    assert "dvc status: models/adapter modified (output of train; does not match dvc.lock)" in bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.count("models/adapter/adapter_model.safetensors") == 1 and "differs from dvc.lock's" in last
+    assert "Q " not in bad.stderr  # hashes first: the tampered adapter was never loaded
     weights.write_bytes(original)
 
-    tuned = clone / "metrics" / "eval_tuned.json"
-    metrics = json.loads(tuned.read_text())
-    tuned.write_text(json.dumps(metrics | {"delta_rougeL": metrics["delta_rougeL"] + 0.5}))
+    details = clone / "eval" / "tuned" / "metrics.json"
+    metrics = json.loads(details.read_text())
+    details.write_text(json.dumps(metrics | {"delta_rougeL": metrics["delta_rougeL"] + 0.5}))
     bad = run_check(clone, *TINY_CHECK)
-    assert bad.returncode == 1
-    assert "dvc status: metrics/eval_tuned.json modified" in bad.stderr
-    assert "metrics/eval_tuned.json: rougeL" in bad.stderr and "disagrees with delta_rougeL" in bad.stderr
-    assert "models/adapter" not in bad.stderr  # restored: only what was tampered is named
-    git(clone, "checkout", "--", "metrics/eval_tuned.json")
+    last = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 1 and "eval/tuned/metrics.json: md5" in last and "disagrees with delta_rougeL" in last
+    assert "models/adapter" not in last  # restored: only what was tampered is named
+    git(clone, "checkout", "--", "eval/tuned/metrics.json")
 
     bad = run_check(clone, "--min-delta", "0.9", "--min-test-questions", "30", "--allow-ci-with-zero",
                     "--max-runaway-rate", "1", "--max-empty-rate", "0")
-    assert bad.returncode == 1
-    assert "dvc status" not in bad.stderr
-    assert "metrics/eval_tuned.json: delta_rougeL" in bad.stderr and "is below --min-delta +0.9000" in bad.stderr
-    assert "metrics/eval_tuned.json: n 4 test questions is below --min-test-questions 30" in bad.stderr
+    assert bad.returncode == 1 and "dvc.lock" not in bad.stderr
+    assert "eval/tuned/metrics.json: delta_rougeL" in bad.stderr and "is below --min-delta +0.9000" in bad.stderr
+    assert "eval/tuned/metrics.json: n 4 test questions is below --min-test-questions 30" in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("Error: check failed (2): ")  # all at once, one line
+
+    # a tampered object in the remote, pulled into a fresh clone: DVC does not verify what it pulls, the check does
+    lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
+    adapter_dir = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "models/adapter")
+    manifest = json.loads((remote / "files" / "md5" / adapter_dir[:2] / adapter_dir[2:]).read_text())
+    obj = next(e["md5"] for e in manifest if e["relpath"] == "adapter_model.safetensors")
+    path = remote / "files" / "md5" / obj[:2] / obj[2:]
+    data = bytearray(path.read_bytes())
+    data[-100:-60] = bytes(40)  # same size: the last tensor's bytes zeroed
+    path.write_bytes(bytes(data))
+    fresh = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", str(repo_copy), str(fresh))
+    dvc(fresh, "remote", "modify", "--local", "local", "url", str(remote))
+    dvc(fresh, "pull")
+    bad = run_check(fresh, *TINY_CHECK)
+    assert bad.returncode == 1 and "models/adapter/adapter_model.safetensors" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_check_rejects_bad_options_before_any_work(tmp_path, monkeypatch):
@@ -85,11 +106,18 @@ def test_check_rejects_bad_options_before_any_work(tmp_path, monkeypatch):
 
 
 def test_check_names_missing_artifacts_when_nothing_was_pulled(repo_copy):
-    """A fresh clone without `dvc pull`: every missing output is named, nothing is loaded or trained."""
-    bad = run_check(repo_copy, *TINY_CHECK)
+    """A clone of a run without `dvc pull`: every missing output is named, nothing is loaded or trained."""
+    bad = run_check(repo_copy, *TINY_CHECK)  # no run at all yet
+    assert bad.returncode == 1 and "dvc.lock: not found" in bad.stderr.strip().splitlines()[-1]
+    dvc(repo_copy, "repro")
+    git(repo_copy, "add", "-A")
+    git(repo_copy, "commit", "-qm", "run")
+    clone = repo_copy.parent / "unpulled"
+    git(repo_copy.parent, "clone", "-q", str(repo_copy), str(clone))
+    bad = run_check(clone, *TINY_CHECK)
     assert bad.returncode == 1
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: check failed")
-    for name in ("metrics/eval_tuned.json: not found (run `dvc pull`)", "metrics/merge.json: not found",
-                 "models/adapter/adapter_model.safetensors: not found (run `dvc pull`)"):
+    for name in ("models/adapter (artifact adapter): missing (run `dvc pull`)", "data/formatted: missing (run `dvc pull`)"):
         assert name in last
+    assert "Q " not in bad.stderr

@@ -15,13 +15,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from medtune.stages import clean
-from medtune.stages import fetch
-from medtune.stages import format as format_stage
-from medtune.stages import report
-from medtune.stages import split
 from medtune.io import read_jsonl
 from medtune.splitting import SPLITS
+from medtune.stages import clean, fetch, report, split
+from medtune.stages import format as format_stage
 from tests.conftest import ASSETS, REPO, tiny_params
 from tests.helpers import dvc, ran
 
@@ -36,9 +33,10 @@ TINY_SPLIT = {"val_frac": 0.3, "test_frac": 0.3}
 EXTRA = {"medquad_xml": {"split": {"group_by": []}}}
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 SHAPES = ["medquad_xml", "instruction", "context_question_answer", "mcq", "mcq_fixed_options", "dialogue", "mixed"]
-STAGE_OUTPUTS = ["data/raw/records.jsonl", "data/raw/manifest.json", "data/clean/records.jsonl", "metrics/clean.json",
-                 *[f"data/split/{s}.jsonl" for s in SPLITS], "metrics/split.json",
-                 *[f"data/formatted/{s}.jsonl" for s in SPLITS], "metrics/format.json",
+STAGE_OUTPUTS = ["data/raw/records.jsonl", "data/raw/manifest.json", "data/clean/records.jsonl", "data/clean/summary.json",
+                 "metrics/clean.json", *[f"data/split/{s}.jsonl" for s in SPLITS], "data/split/summary.json",
+                 "metrics/split.json", *[f"data/formatted/{s}.jsonl" for s in SPLITS], "data/formatted/summary.json",
+                 "metrics/format.json",
                  "metrics/data_quality.json", "reports/data_quality.json", "reports/data_quality.md"]
 
 
@@ -69,8 +67,8 @@ def run_stages(root: Path) -> None:
         (clean.main, "--in data/raw --out data/clean --metrics metrics/clean.json"),
         (split.main, "--in data/clean --out data/split --metrics metrics/split.json"),
         (format_stage.main, "--in data/split --out data/formatted --metrics metrics/format.json"),
-        (report.main, "--raw data/raw --clean-metrics metrics/clean.json --split-metrics metrics/split.json "
-                      "--format-metrics metrics/format.json --data data/formatted --out metrics/data_quality.json "
+        (report.main, "--raw data/raw --clean data/clean --split data/split --data data/formatted "
+                      "--out metrics/data_quality.json "
                       "--details reports/data_quality.json --markdown reports/data_quality.md"),
     ]
     for cmd, args in steps:
@@ -141,12 +139,12 @@ def check_context_question_answer(root, rows, every, quality):
     raw = {x["id"]: x for x in read_jsonl(ASSETS / "pubmedqa_tiny.jsonl")}[r["id"]]
     assert raw["contexts"][0][:60] in r["prompt"] and r["question"] == raw["question"] and r["year"] == raw["year"]
     assert r["prompt"].index(raw["contexts"][-1][:40]) < r["prompt"].index(raw["question"])  # context, then the question
-    fm = json.loads((root / "metrics/format.json").read_text())
+    fm = json.loads((root / "data/formatted/summary.json").read_text())
     assert sum(fm[s]["rows"] for s in SPLITS) == 24
 
 
 def check_mcq(root, rows, every, quality):
-    c = json.loads((root / "metrics/clean.json").read_text())
+    c = json.loads((root / "data/clean/summary.json").read_text())
     assert c["dropped"] == {"bad_correct_option": 1, "bad_options": 1}  # mcq/6: cop 7; mcq/7: option B missing
     assert c["changed"] == {"explanation_removed": 2}  # mcq/2 "Ans. is 'b' i.e., Small intestine", mcq/5 "B"
     by_id = {r["id"]: r for r in every}

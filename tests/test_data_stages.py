@@ -10,21 +10,24 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from medtune.stages import clean
-from medtune.stages import fetch
-from medtune.stages import format as format_stage
-from medtune.stages import split
-from medtune.params import BaseParams
-from medtune.console import MedtuneError
-from medtune.io import read_jsonl
-from medtune.cleaning import normalise
-from medtune.dedup import NearDups
-from medtune.params import ReportParams, TrainParams
 from medtune import splitting
-from medtune.splitting import SPLITS, answer_sig, group_rows
+from medtune.cleaning import normalise
+from medtune.console import MedtuneError
+from medtune.dedup import NearDups
+from medtune.io import read_jsonl
 from medtune.models import local_revision
+from medtune.params import BaseParams, ReportParams, TrainParams
+from medtune.splitting import SPLITS, answer_sig, group_rows
+from medtune.stages import clean, fetch, split
+from medtune.stages import format as format_stage
 from tests.conftest import ASSETS, tiny_params
-from tests.helpers import COLUMNS, clean_params, fetch_params, format_params, split_params
+from tests.helpers import (
+    COLUMNS,
+    clean_params,
+    fetch_params,
+    format_params,
+    split_params,
+)
 
 BASE = BaseParams(seed=7)
 
@@ -364,8 +367,8 @@ def test_format_overflow_drops_or_truncates(tmp_path, split_dir, tiny_model):
 def test_format_overflow_cut_reproduces_plain_trl_truncation_and_train_accepts_it(tmp_path, split_dir, tiny_model):
     """overflow=cut: long examples are cut at max_length tokens and lose their end token, as a plain trl run
     truncates them (the baseline of a comparison); train accepts exactly those rows without an end token."""
-    from medtune.stages import train
     from medtune.params import ModelParams
+    from medtune.stages import train
 
     m, system = tiny_m(tiny_model), " ".join(["answer the question about the condition"] * 5)
     kw = {"system_prompt": system, "template": "qa", "max_answer_tokens": 60, "max_length": 64}
@@ -457,13 +460,10 @@ def test_report_counts_phi_left_in_the_training_data(tmp_path, tiny_rows, tiny_m
             for i, r in enumerate(tiny_rows[:30])]
     c = clean.run(clean_params(phi=action), write_raw(tmp_path, rows), tmp_path / "clean")
     (tmp_path / "raw" / "manifest.json").write_text(json.dumps({"source": "x.jsonl", "rows": len(rows), "sources": {}}))
-    s = split.run(split_params(group_by=["focus"]), BASE, tmp_path / "clean", tmp_path / "split")
-    f = format_stage.run(format_params(max_answer_tokens=80, max_length=128), tiny_m(tiny_model), tmp_path / "split", tmp_path / "fmt")
-    for name, obj in (("clean", c), ("split", s), ("format", f)):
-        (tmp_path / f"{name}.json").write_text(json.dumps(obj))
+    split.run(split_params(group_by=["focus"]), BASE, tmp_path / "clean", tmp_path / "split")
+    format_stage.run(format_params(max_answer_tokens=80, max_length=128), tiny_m(tiny_model), tmp_path / "split", tmp_path / "fmt")
     key, details, md = report.run(ReportParams(n_examples=3), format_params(max_answer_tokens=80, max_length=128),
-                                  tiny_m(tiny_model), tmp_path / "raw", tmp_path / "clean.json", tmp_path / "split.json",
-                                  tmp_path / "format.json", tmp_path / "fmt")
+                                  tiny_m(tiny_model), tmp_path / "raw", tmp_path / "clean", tmp_path / "split", tmp_path / "fmt")
     assert c["phi"] == {"phone": c["phi_rows"]} and c["phi_rows"] >= 25
     assert key["phi_flagged"] == (key["rows_train"] if action == "keep" else 0)
     assert f"clean.phi = {action}" in md

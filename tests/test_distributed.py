@@ -9,13 +9,16 @@ import sys
 
 import yaml
 
-from medtune.stages import clean
-from medtune.stages import fetch
+from medtune.params import (
+    BaseParams,
+    CleanParams,
+    FetchParams,
+    FormatParams,
+    ModelParams,
+    SplitParams,
+)
+from medtune.stages import clean, fetch, split
 from medtune.stages import format as format_stage
-from medtune.stages import split
-from medtune.params import BaseParams
-from medtune.params import ModelParams
-from medtune.params import CleanParams, FetchParams, FormatParams, SplitParams
 from tests.conftest import ASSETS, REPO, tiny_params
 
 

@@ -21,11 +21,10 @@ import yaml
 from click.testing import CliRunner
 
 from medtune import experiments
-from medtune.tools import compare
-from medtune.tools import validate
-from medtune.tools import recipe as recipe_cli
 from medtune.io import read_jsonl
 from medtune.models import local_revision
+from medtune.tools import compare, validate
+from medtune.tools import recipe as recipe_cli
 from tests.conftest import ASSETS, REPO, tiny_params
 from tests.helpers import dvc
 
@@ -51,7 +50,7 @@ def test_queued_sweep_with_seeds_compared(repo_copy):
     proc = subprocess.run([sys.executable, "-m", "medtune.tools.compare", "--out", "reports/compare"], cwd=repo_copy,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "compared 3 runs in 2 rows (skipped: {'no metrics/eval_base.json': 2})" in proc.stderr  # HEAD, workspace: not run
+    assert "compared 3 runs in 2 rows (skipped: {'no eval/base/metrics.json': 2})" in proc.stderr  # HEAD, workspace: not run
     out_dir = repo_copy / "reports" / "compare"
     rows = {r["changed_params"]: r for r in csv.DictReader((out_dir / "compare.csv").open())}
     assert set(rows) == {"train.lora_r=4", "train.lora_r=8"}
@@ -137,11 +136,11 @@ def test_compare_errors_name_what_is_missing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()  # nothing half-written
     result = CliRunner().invoke(compare.main, ["--out", "out", "--metric", "rougeLsum"])
     assert result.exit_code == 2 and "'rougeLsum' is not one of 'rouge1', 'rouge2', 'rougeL', 'token_f1'" in result.output
-    commit_run("broken", {"metrics/eval_base.json": {"n": 1}, "metrics/eval_tuned.json": "{", "metrics/train.json": {}})
-    Path("metrics/eval_tuned.json").write_text("{")
+    commit_run("broken", {"eval/base/metrics.json": {"n": 1}, "eval/tuned/metrics.json": "{", "metrics/train.json": {}})
+    Path("eval/tuned/metrics.json").write_text("{")
     shown(monkeypatch, [{"rev": "workspace"}])
     result = CliRunner().invoke(compare.main, ["--out", "out"])
-    assert result.exit_code == 1 and "metrics/eval_tuned.json of run workspace" in result.output and "malformed" in result.output
+    assert result.exit_code == 1 and "eval/tuned/metrics.json of run workspace" in result.output and "malformed" in result.output
 
 
 # ---------------------------------------------------------------- recipes
@@ -191,6 +190,26 @@ def test_every_recipe_validates_and_dvc_applies_it_exactly(repo_copy):
         for section, values in recipe(name).items():
             for key, value in values.items():
                 assert got[section][key] == value, f"{name}: {section}.{key} = {got[section][key]!r}, recipe {value!r}"
+
+
+def test_a_recipe_applies_to_the_committed_params_not_what_a_failed_experiment_left(repo_copy):
+    """A failed `dvc exp run -S ...` leaves its values in params.yaml; the recipe's flags set every key it does not
+    name back to the committed value, and say so."""
+    committed = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    dirty = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    dirty["train"]["lora_r"] = committed["train"]["lora_r"] * 2 + 2  # left over, not in the recipe
+    dirty["train"]["learning_rate"] = 0.5  # left over, and set by the recipe
+    dirty["format"]["disclaimer"]["enabled"] = not committed["format"]["disclaimer"]["enabled"]  # a mapping
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(dirty, sort_keys=False))
+    proc = subprocess.run([sys.executable, "-m", "medtune.tools.recipe", str(REPO / "recipes" / "gpu.yaml")],
+                          cwd=repo_copy, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "differs from the last commit in format.disclaimer, train.learning_rate, train.lora_r" in proc.stderr
+    dvc(repo_copy, "exp", "run", "--queue", "-n", "after-failure", *shlex.split(proc.stdout))
+    got = exp_runs(json.loads(dvc(repo_copy, "exp", "show", "--json")))["after-failure"]["params"]["params.yaml"]["data"]
+    assert got["train"]["lora_r"] == committed["train"]["lora_r"]
+    assert got["format"]["disclaimer"] == committed["format"]["disclaimer"]
+    assert got["train"]["learning_rate"] == recipe("gpu")["train"]["learning_rate"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -246,8 +265,8 @@ def test_compare_groups_base_models_and_seeds(tmp_path, monkeypatch):
         params = {"base": {"seed": seed}, "model": {"base": base, "revision": "r1", "chat_template": "gemma3_base",
                                                     "trust_remote_code": False},
                   "train": yaml.safe_load((REPO / "params.yaml").read_text())["train"] | {"learning_rate": lr}}
-        files = {"metrics/eval_base.json": {"n": 50, "rougeL": round(tuned - delta, 4), "rougeL_ci": [0.05, 0.15]},
-                 "metrics/eval_tuned.json": {"n": 50, "rougeL": tuned, "rougeL_ci": [tuned - 0.03, tuned + 0.03],
+        files = {"eval/base/metrics.json": {"n": 50, "rougeL": round(tuned - delta, 4), "rougeL_ci": [0.05, 0.15]},
+                 "eval/tuned/metrics.json": {"n": 50, "rougeL": tuned, "rougeL_ci": [tuned - 0.03, tuned + 0.03],
                                              "delta_rougeL": delta, "delta_rougeL_ci": delta_ci},
                  "metrics/train.json": {"tokens_per_s": 100.0, "peak_memory_mb": 2000.0}}
         return {"rev": commit_run(name, files, params), "Experiment": None if name == "main" else name}
@@ -286,8 +305,8 @@ def test_a_base_only_experiment_is_no_row_but_can_be_the_reference(tmp_path, mon
     def commit(name, template, base_scores, tuned_scores, stale_tuned=None):
         base, tuned = sum(base_scores) / 4, sum(tuned_scores) / 4
         fmt = yaml.safe_load((REPO / "params.yaml").read_text())["format"] | {"template": template}
-        files = {"metrics/eval_base.json": {"n": 4, "rougeL": base, "rougeL_ci": [base - 0.05, base + 0.05]},
-                 "metrics/eval_tuned.json": stale_tuned or {"n": 4, "rougeL": tuned, "rougeL_ci": [tuned - 0.05, tuned + 0.05],
+        files = {"eval/base/metrics.json": {"n": 4, "rougeL": base, "rougeL_ci": [base - 0.05, base + 0.05]},
+                 "eval/tuned/metrics.json": stale_tuned or {"n": 4, "rougeL": tuned, "rougeL_ci": [tuned - 0.05, tuned + 0.05],
                                                             "delta_rougeL": round(tuned - base, 4), "delta_rougeL_ci": [0.0, 0.2]},
                  "metrics/train.json": {"tokens_per_s": 100.0, "peak_memory_mb": 2000.0},
                  "eval/base/predictions.jsonl": [{"id": i, "rougeL": s} for i, s in zip(ids, base_scores)],
@@ -297,7 +316,7 @@ def test_a_base_only_experiment_is_no_row_but_can_be_the_reference(tmp_path, mon
     tuned = commit("tuned", "chat", [0.10, 0.10, 0.10, 0.10], [0.20, 0.30, 0.20, 0.30])
     # only evaluate_base ran: the tuned metrics and answers are still the tuned run's
     base_qa = commit("base-qa", "qa", [0.15, 0.15, 0.25, 0.25], [0.20, 0.30, 0.20, 0.30],
-                     stale_tuned=json.loads(Path("metrics/eval_tuned.json").read_text()))
+                     stale_tuned=json.loads(Path("eval/tuned/metrics.json").read_text()))
     shown(monkeypatch, [tuned, base_qa])
 
     args = ["--out", "out", "--reference", "base-qa", "--reference-predictions", "eval/base/predictions.jsonl"]

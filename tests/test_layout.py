@@ -87,9 +87,14 @@ def test_stages_commands_and_tools_import_no_stage():
             assert not stages - {f}, f"{f.relative_to(REPO)} imports {sorted(s.name for s in stages)}"
 
 
+LONGER = {  # module -> (limit, why)
+    "params.py": (400, "one declarative pydantic model per params.yaml section: the whole schema reads best in one place"),
+}
+
+
 def test_modules_stay_small():
     """Stages about 200 lines at most, every other module about 300 (a little slack for a docstring)."""
     for f in PKG.rglob("*.py"):
-        limit = 220 if f.parent.name == "stages" else 330
+        limit = 220 if f.parent.name == "stages" else LONGER.get(f.name, (330,))[0]
         n = len(f.read_text().splitlines())
         assert n <= limit, f"{f.relative_to(REPO)}: {n} lines (limit {limit}): split it by concern"

@@ -15,20 +15,26 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from medtune.stages import evaluate
-from medtune.stages import merge
-from medtune.stages import train
-from medtune.console import MedtuneError
-from medtune.io import read_jsonl
 from medtune import choice
-from medtune.choice import choice_inputs, choice_prompt, choice_scores, content_free_items, option_logprobs, read_choice_test, score_choices
+from medtune.choice import (
+    choice_inputs,
+    choice_prompt,
+    choice_scores,
+    content_free_items,
+    option_logprobs,
+    read_choice_test,
+    score_choices,
+)
+from medtune.console import MedtuneError
+from medtune.entities import entity_scores, load_lexicon, tokens
+from medtune.io import read_jsonl
 from medtune.metrics import parse_choice, repetition, score, token_f1
 from medtune.params import EvaluateParams, FormatParams, MergeParams, TrainParams
 from medtune.prompts import render
+from medtune.stages import evaluate, merge, train
 from medtune.training import lora_config, sft_config
 from tests.conftest import tiny_params
 from tests.helpers import BASE, model_params, section, train_params
-
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +192,13 @@ def test_train_refuses_liger_kernels_with_torch_compile_before_loading_anything(
 def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained, tiny_model, formatted):
     d, _ = trained
     p = section(EvaluateParams, tiny_model, "evaluate")
-    base = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "base")
+    # every word of the references an entity of its own, so the tiny model's answers name some of them
+    words = sorted({w.lower() for r in read_jsonl(formatted / "test.jsonl") for w in tokens(r["reference"]) if len(w) > 3})
+    lexicon = tmp_path / "terms.txt"
+    lexicon.write_text("".join(f"{w}\tword:{w}\tdisease\n" for w in words))
+    base = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "base", lexicon=lexicon)
     tuned = evaluate.run(p, model_params(tiny_model), BASE, formatted, tmp_path / "tuned", adapter=d / "adapter",
-                         baseline=tmp_path / "base" / "predictions.jsonl")
+                         baseline=tmp_path / "base" / "predictions.jsonl", lexicon=lexicon)
     assert base["n"] == tuned["n"] == 4
     for m in (base, tuned):
         lo, hi = m["rougeL_ci"]
@@ -200,6 +210,14 @@ def test_evaluate_scores_base_and_tuned_on_the_same_questions(tmp_path, trained,
     assert preds.keys() == base_preds.keys()
     mean_delta = sum(preds[i]["rougeL"] - base_preds[i]["rougeL"] for i in preds) / len(preds)
     assert tuned["delta_rougeL"] == pytest.approx(mean_delta, abs=1e-3)
+    lex = load_lexicon(lexicon)  # each answer's entity F1 is entities.entity_scores of it; the mean over scored ones
+    for pred in preds.values():
+        assert pred["entity_f1"] == entity_scores(pred["prediction"], pred["reference"], pred["question"], lex)["entity_f1"]
+    scored = [i for i in preds if preds[i]["entity_f1"] is not None]
+    assert tuned["entity_n"] == len(scored) > 0 and 0 <= tuned["entity_f1_ci"][0] <= tuned["entity_f1_ci"][1] <= 1
+    assert tuned["entity_f1"] == pytest.approx(sum(preds[i]["entity_f1"] for i in scored) / len(scored), abs=1e-3)
+    assert tuned["delta_entity_f1"] == pytest.approx(
+        sum(preds[i]["entity_f1"] - base_preds[i]["entity_f1"] for i in scored) / len(scored), abs=1e-3)
     by = json.loads((tmp_path / "tuned" / "breakdown.json").read_text())
     assert sum(v["n"] for v in by["source"].values()) == tuned["n"]
     page = (tmp_path / "tuned" / "examples.md").read_text()
@@ -255,8 +273,8 @@ def test_padding_free_batches_give_the_same_loss_as_padded_ones(tmp_path, tiny_m
 
 def test_loss_is_on_answer_tokens_only_and_the_end_of_turn_token_is_trained(tiny_model, formatted, tmp_path):
     """Inspect the labels the trainer sees for a rendered example, the way train.run builds them."""
-    from trl import SFTTrainer
     from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
 
     from medtune.models import end_of_turn, load_tokenizer, stop_token_ids
     from medtune.training import check_examples, token_dataset

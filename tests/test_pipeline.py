@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-from tests.helpers import dvc, ran
 
+from tests.helpers import dvc, ran
 
 OUTPUTS = ["data/raw/manifest.json", "data/clean/records.jsonl", "data/split/test.jsonl", "data/formatted/train.jsonl",
            "models/adapter/adapter_model.safetensors", "metrics/eval_base.json", "metrics/eval_tuned.json",
            "eval/tuned/predictions.jsonl", "models/merged/model.safetensors", "metrics/merge.json",
-           "metrics/lineage.json", "metrics/data_quality.json", "reports/data_quality.md"]
+           "metrics/lineage.json", "metrics/data_quality.json", "reports/data_quality.md", "metrics/export.json",
+           "models/gguf/README.md"]
 
 
 def test_dvc_repro_end_to_end_then_cached_then_eval_only(repo_copy):
     out = dvc(repo_copy, "repro")
-    assert ran(out) == {"fetch", "clean", "split", "format", "train", "evaluate_base", "evaluate_tuned", "merge", "report"}
+    assert ran(out) == {"fetch", "clean", "split", "format", "train", "evaluate_base", "evaluate_tuned", "merge", "report",
+                        "export"}
     for f in OUTPUTS:
         assert (repo_copy / f).exists(), f
     assert json.loads((repo_copy / "metrics/merge.json").read_text())["passed"]
@@ -29,7 +31,8 @@ def test_dvc_repro_end_to_end_then_cached_then_eval_only(repo_copy):
 
     params = (repo_copy / "params.yaml").read_text()
     (repo_copy / "params.yaml").write_text(params.replace("max_new_tokens: 8", "max_new_tokens: 6"))
-    assert ran(dvc(repo_copy, "repro")) == {"evaluate_base", "evaluate_tuned", "merge"}  # merge: its model card cites the metrics
+    # merge: its model card cites the metrics; export: the merged model changed
+    assert ran(dvc(repo_copy, "repro")) == {"evaluate_base", "evaluate_tuned", "merge", "export"}
     assert "| ROUGE-L F1 |" in (repo_copy / "models/merged/README.md").read_text()
 
 
@@ -38,7 +41,7 @@ def test_dvc_exp_run_compares_two_experiments(repo_copy):
     subprocess.run(["git", "add", "-A"], cwd=repo_copy, check=True)
     subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=repo_copy, check=True)
     out = dvc(repo_copy, "exp", "run", "-S", "train.learning_rate=0.002", "-n", "lr-2e-3")
-    assert ran(out) == {"train", "evaluate_tuned", "merge"}  # data and the base evaluation stay cached
+    assert ran(out) == {"train", "evaluate_tuned", "merge", "export"}  # data and the base evaluation stay cached
     shown = json.loads(dvc(repo_copy, "exp", "show", "--json"))
     text = json.dumps(shown)
     assert "lr-2e-3" in text and "0.002" in text and "eval_tuned.json" in text

@@ -10,15 +10,13 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medtune.stages import clean
-from medtune.stages import format as format_stage
-from medtune.stages import split
-from medtune.params import BaseParams
 from medtune.console import MedtuneError
 from medtune.io import read_jsonl
-from medtune.params import ModelParams
-from medtune.splitting import SPLITS
 from medtune.models import local_revision
+from medtune.params import BaseParams, ModelParams
+from medtune.splitting import SPLITS
+from medtune.stages import clean, split
+from medtune.stages import format as format_stage
 from tests.helpers import clean_params, format_params, split_params
 
 text = st.one_of(

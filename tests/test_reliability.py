@@ -13,17 +13,20 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from medtune.stages import clean
-from medtune.stages import evaluate
-from medtune.stages import fetch
-from medtune.stages import merge
-from medtune.stages import train
 from medtune.console import MedtuneError
-from medtune.params import ModelParams
 from medtune.models import local_revision, resolve_base
+from medtune.params import EvaluateParams, MergeParams, ModelParams
+from medtune.stages import clean, evaluate, fetch, merge, train
 from tests.conftest import REPO, tiny_params
-from tests.helpers import BASE, clean_params, fetch_params, model_params, section, source_in, train_params
-from medtune.params import EvaluateParams, MergeParams
+from tests.helpers import (
+    BASE,
+    clean_params,
+    fetch_params,
+    model_params,
+    section,
+    source_in,
+    train_params,
+)
 
 
 def test_non_utf8_input_names_the_file(tmp_path):
@@ -46,7 +49,8 @@ def test_wrong_types_and_a_10_mb_answer_are_dropped_and_counted(tmp_path, tiny_r
 
 
 def test_missing_offline_base_model_says_how_to_provide_it():
-    m = ModelParams(base="nobody/no-such-model", revision="0123abc", chat_template="gemma3_base", trust_remote_code=False)
+    m = ModelParams(base="nobody/no-such-model", revision="0123456789abcdef0123456789abcdef01234567",
+                    chat_template="gemma3_base", trust_remote_code=False)
     with pytest.raises(MedtuneError, match=r"not available.*hf download.*local folder"):
         resolve_base(m)
 
@@ -85,6 +89,23 @@ def adapter(tmp_path_factory, tiny_model, formatted) -> Path:
     d = tmp_path_factory.mktemp("adapter")
     train.run(train_params(tiny_model), model_params(tiny_model), BASE, formatted, d / "adapter", d / "curves", d / "ckpt")
     return d / "adapter"
+
+
+def test_an_adapter_of_another_base_model_fails_in_one_line(tmp_path, adapter, tiny_model):
+    """torch names each mismatched tensor on a line of its own; the error stays one line with the count."""
+    from safetensors.torch import save_file
+
+    from medtune.models import load_adapter, load_model
+
+    other = tmp_path / "adapter"
+    shutil.copytree(adapter, other)
+    weights = load_file(other / "adapter_model.safetensors")
+    save_file({k: v.repeat(1, 2) if "lora_A" in k else v for k, v in weights.items()}, other / "adapter_model.safetensors")
+    m = model_params(tiny_model)
+    with pytest.raises(MedtuneError) as e:
+        load_adapter(load_model(tiny_model, m, "float32"), other, m)
+    n = sum("lora_A" in k for k in weights)
+    assert "\n" not in str(e.value) and f"{n} tensors have other shapes than this base model's" in str(e.value)
 
 
 def test_truncated_adapter_fails_merge_and_evaluate_with_a_clear_message(tmp_path, adapter, tiny_model, formatted):
@@ -153,7 +174,8 @@ def test_killed_train_stage_resumes_and_ends_with_the_same_steps(tmp_path, tiny_
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (tmp_path / "ckpt" / "checkpoint-10").exists() and proc.poll() is None and time.time() < deadline:
+    # checkpoint-10 complete (the Trainer writes trainer_state.json last), so the resume must start at or after it
+    while not (tmp_path / "ckpt" / "checkpoint-10" / "trainer_state.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "training finished before it could be interrupted"
     proc.send_signal(getattr(signal, sig))

@@ -24,8 +24,8 @@ def test_default_dvc_repro_tunes_a_model_that_beats_its_base(tmp_path, monkeypat
     shutil.copytree(REPO / "medtune", repo / "medtune", ignore=shutil.ignore_patterns("__pycache__"))
     out = dvc(repo, "repro", "--force")
     assert "train" in ran(out) and "merge" in ran(out)
-    base = json.loads((repo / "metrics/eval_base.json").read_text())
-    tuned = json.loads((repo / "metrics/eval_tuned.json").read_text())
+    base = json.loads((repo / "eval/base/metrics.json").read_text())
+    tuned = json.loads((repo / "eval/tuned/metrics.json").read_text())
     assert base["n"] == tuned["n"] >= 30
     assert tuned["rougeL"] > base["rougeL"], (base["rougeL"], tuned["rougeL"])
     assert tuned["delta_rougeL_ci"][0] > 0  # the gain is not noise

@@ -26,7 +26,13 @@ from medtune.stages import merge
 from medtune.tools import card as card_stage
 from medtune.tools import push
 from tests.conftest import tiny_params
-from tests.helpers import QUESTION, expected_answer, model_params, start_server, stop_server
+from tests.helpers import (
+    QUESTION,
+    expected_answer,
+    model_params,
+    start_server,
+    stop_server,
+)
 
 LIMITS = ["--max-new-tokens", "12", "--max-new-tokens-cap", "40", "--max-prompt-tokens", "64"]  # small, for a tiny model
 

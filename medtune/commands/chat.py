@@ -19,7 +19,17 @@ from pathlib import Path
 
 import click
 
-from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, limit_options, trust_option, load_base, load_tuned, model_folder
+from medtune.assistant import (
+    DISCLAIMER,
+    Answer,
+    ChatModel,
+    Limits,
+    limit_options,
+    load_base,
+    load_tuned,
+    model_folder,
+    trust_option,
+)
 from medtune.console import cli_errors, setup_logging
 
 

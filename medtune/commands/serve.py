@@ -34,8 +34,18 @@ from fastapi import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medtune.assistant import (DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, trust_option, load_base, load_tuned,
-                               model_folder)
+from medtune.assistant import (
+    DISCLAIMER,
+    Answer,
+    ChatModel,
+    Limits,
+    RequestError,
+    limit_options,
+    load_base,
+    load_tuned,
+    model_folder,
+    trust_option,
+)
 from medtune.console import MedtuneError, cli_errors, setup_logging
 from medtune.serving import ClientGone, DisclaimerHeader, Scheduler, TimedOut, follow
 

@@ -18,7 +18,18 @@ from pathlib import Path
 
 import click
 
-from medtune.assistant import DISCLAIMER, Answer, ChatModel, Limits, RequestError, limit_options, trust_option, load_base, load_tuned, model_folder
+from medtune.assistant import (
+    DISCLAIMER,
+    Answer,
+    ChatModel,
+    Limits,
+    RequestError,
+    limit_options,
+    load_base,
+    load_tuned,
+    model_folder,
+    trust_option,
+)
 from medtune.console import cli_errors, setup_logging
 
 log = logging.getLogger("medtune.ui")

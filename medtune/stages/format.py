@@ -3,13 +3,14 @@
 fields; the renderer itself is medtune/prompts.py, which chat and serve use too.
 
 DVC stage `format`.  Run by hand:  python -m medtune.stages.format --in data/split --out data/formatted --metrics metrics/format.json
-Reads params `model`, `format`. Writes data/formatted/{train,val,test}.jsonl and the counts per split.
+Reads params `model`, `format`. Writes data/formatted/{train,val,test}.jsonl and summary.json (the counts per split),
+and the totals to the metrics file.
 """
 
 from __future__ import annotations
 
-import time
 import logging
+import time
 from pathlib import Path
 
 import click
@@ -34,7 +35,15 @@ def run(p: FormatParams, m: ModelParams, in_dir: Path, out_dir: Path) -> dict:
     with atomic_dir(out_dir) as tmp:
         for split, rows in outputs.items():
             write_text_atomic(tmp / f"{split}.jsonl", jsonl_text(rows))
+        write_json(tmp / "summary.json", summary)
     return summary
+
+
+def headline(s: dict) -> dict:
+    """The few numbers `dvc exp show` and `dvc metrics show` list."""
+    return ({f"rows_{split}": s[split]["rows"] for split in SPLITS}
+            | {"answers_truncated": s["train"]["answers_truncated"], "mean_tokens_train": s["train"]["mean_tokens"],
+               "dropped_too_long": sum(s[split]["dropped_too_long"] for split in SPLITS)})
 
 
 @click.command()
@@ -48,7 +57,7 @@ def main(in_dir: Path, out_dir: Path, metrics_file: Path) -> None:
         m, p = params.load("model", "format")
         log_params("format", ("model", m), ("format", p))
         summary = run(p, m, in_dir, out_dir)
-        write_json(metrics_file, summary | {"wall_s": round(time.perf_counter() - started, 1)})
+        write_json(metrics_file, headline(summary) | {"wall_s": round(time.perf_counter() - started, 1)})
     log.info("formatted: %s", summary)
 
 

@@ -4,16 +4,16 @@ model, loaded back from disk, must give the same logits as base + adapter on tes
 
 DVC stage `merge`.  Run by hand:
     python -m medtune.stages.merge --adapter models/adapter --data data/formatted --out models/merged --metrics metrics/merge.json \
-        --eval-base metrics/eval_base.json --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md
+        --eval-base eval/base/metrics.json --eval-tuned eval/tuned/metrics.json --data-card data/source/DATA_CARD.md
 Reads params `model`, `merge`, `format`, `card`. Writes safetensors, tokenizer (with the chat template),
 generation config, run_config.json and the model card README.md (medtune/cards.py) to --out.
 """
 
 from __future__ import annotations
 
-import time
 import json
 import logging
+import time
 from pathlib import Path
 
 import click
@@ -23,8 +23,17 @@ from medtune.cards import CardInputs, check_card_inputs, write_model_card
 from medtune.console import MedtuneError, cli_errors, log_params, setup_logging
 from medtune.generation import greedy
 from medtune.io import atomic_dir, read_jsonl, write_json
-from medtune.models import device_name, load_adapter, load_model, load_tokenizer, resolve_base, stop_token_ids, versions
+from medtune.models import (
+    device_kind,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+    stop_token_ids,
+    versions,
+)
 from medtune.params import MergeParams, ModelParams
+from medtune.summary import table
 
 log = logging.getLogger("medtune.merge")
 
@@ -65,7 +74,7 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
             raise MedtuneError(f"merge check failed: max |logit diff| {max_diff:.3g} (atol {p.atol}), "
                                f"greedy answers identical: {same_answers}; the merged model was not saved")
         write_json(tmp / "run_config.json", run_config | {"merge": p.model_dump(), "merge_check": metrics,
-                                                         "base_model": identity, "versions": versions(), "device": device_name()})
+                                                         "base_model": identity, "versions": versions(), "device": device_kind()})
         if card is not None:  # the model card (README.md), inside the atomic output: no model without its card
             write_model_card(tmp, "merged", card)
     return metrics
@@ -82,7 +91,7 @@ def run(p: MergeParams, m: ModelParams, adapter: Path, data_dir: Path, out_dir: 
 def main(adapter: Path, data_dir: Path, out_dir: Path, metrics_file: Path, eval_base: Path, eval_tuned: Path, data_card: Path) -> None:
     started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
-    with cli_errors():
+    with cli_errors(persist=True):  # dvc.yaml: persist
         m, p, fmt, cp = params.load("model", "merge", "format", "card")
         log_params("merge", ("merge", p))
         card = CardInputs(cp, fmt, eval_base, eval_tuned, data_card)
@@ -90,6 +99,7 @@ def main(adapter: Path, data_dir: Path, out_dir: Path, metrics_file: Path, eval_
         metrics = run(p, m, adapter, data_dir, out_dir, card)
         write_json(metrics_file, metrics | {"wall_s": round(time.perf_counter() - started, 1)})
     log.info("merged: %s", metrics)
+    click.echo(f"\nThe run (medtune summary):\n{table()}", err=True)  # the last stage of a run: its results in one table
 
 
 if __name__ == "__main__":

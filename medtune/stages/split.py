@@ -2,13 +2,14 @@
 near-duplicate answer straddles train and test; then prove it (medtune/splitting.py).
 
 DVC stage `split`.  Run by hand:  python -m medtune.stages.split --in data/clean --out data/split --metrics metrics/split.json
-Reads params `base`, `split`. Writes data/split/{train,val,test}.jsonl and the counts + leakage check to metrics.
+Reads params `base`, `split`. Writes data/split/{train,val,test}.jsonl and summary.json (counts, leaks dropped, the
+leakage check), and the totals to the metrics file.
 """
 
 from __future__ import annotations
 
-import time
 import logging
+import time
 from pathlib import Path
 
 import click
@@ -28,7 +29,13 @@ def run(p: SplitParams, base: BaseParams, in_dir: Path, out_dir: Path) -> dict:
     with atomic_dir(out_dir) as tmp:
         for s in SPLITS:
             write_text_atomic(tmp / f"{s}.jsonl", jsonl_text(parts[s]))
+        write_json(tmp / "summary.json", summary)
     return summary
+
+
+def headline(s: dict) -> dict:
+    """The few numbers `dvc exp show` and `dvc metrics show` list."""
+    return {k: s[k] for k in (*SPLITS, "groups", "leakage_ok")} | {"dropped_leaks": sum(s["dropped_leaks"].values())}
 
 
 @click.command()
@@ -42,7 +49,7 @@ def main(in_dir: Path, out_dir: Path, metrics_file: Path) -> None:
         base, p = params.load("base", "split")
         log_params("split", ("split", p))
         summary = run(p, base, in_dir, out_dir)
-        write_json(metrics_file, summary | {"wall_s": round(time.perf_counter() - started, 1)})
+        write_json(metrics_file, headline(summary) | {"wall_s": round(time.perf_counter() - started, 1)})
     log.info("split sizes: %s", summary)
 
 

@@ -11,7 +11,6 @@ track: re-running after an interruption resumes from the last one if the params 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -23,7 +22,7 @@ from medtune import params
 from medtune.console import cli_errors, log_params, setup_logging
 from medtune.curves import plot_loss, write_curves
 from medtune.io import atomic_dir, write_json
-from medtune.models import device_name, lineage, versions
+from medtune.models import device_kind, lineage, versions
 from medtune.params import BaseParams, ModelParams, TrainParams
 from medtune.training import fit
 
@@ -49,19 +48,20 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
         # peft keeps only the adapter's weights of a gathered FSDP state dict
         model.save_pretrained(tmp, safe_serialization=True, state_dict=f.adapter_state)
         f.tok.save_pretrained(tmp)
+        # what made the adapter, and nothing that differs from run to run (timings go to the metrics file), so
+        # that the same inputs and params give the same bytes
         write_json(tmp / "run_config.json", {
             "params": {"base": base.model_dump(), "model": m.model_dump(), "train": p.model_dump()},
             "base_model": f.identity,
             "versions": versions(),
-            "device": device_name(),
-            "lineage": lineage(m, f.identity, f.tok),
-            "metrics": f.metrics,
+            "device": device_kind(),
         })
     log.info("saved adapter to %s", out_dir)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the next run of this stage starts fresh
     wall = time.perf_counter() - started  # this process's; a resumed run adds the training time before the resume
     return f.metrics | {"wall_s": round(wall, 1),
-                        "tokens_per_s": round(f.metrics["tokens_trained"] / (wall + f.metrics["train_s_before_resume"]), 1)}
+                        "tokens_per_s": round(f.metrics["tokens_trained"] / (wall + f.metrics["train_s_before_resume"]), 1),
+                        "lineage": lineage(m, f.identity, f.tok)}
 
 
 @click.command()
@@ -75,15 +75,15 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
 def main(data_dir: Path, out_dir: Path, metrics_file: Path, curves_dir: Path, ckpt_dir: Path, lineage_file: Path) -> None:
     started = time.perf_counter()  # the stage's wall time, recorded in its metrics
     setup_logging()
-    with cli_errors():
+    with cli_errors(persist=True):  # dvc.yaml: persist
         base, m, p = params.load("base", "model", "train")
         log_params("train", ("base", base), ("model", m), ("train", p))
         metrics = run(p, m, base, data_dir, out_dir, curves_dir, ckpt_dir, started=started)
         from accelerate import PartialState
 
         if PartialState().is_main_process:  # the state run() set up
+            write_json(lineage_file, metrics.pop("lineage"))
             write_json(metrics_file, metrics)
-            write_json(lineage_file, json.loads((out_dir / "run_config.json").read_text())["lineage"])
     log.info("trained: %s", metrics)
 
 

@@ -1,7 +1,7 @@
 """`medtune card`: print (or write) the model card of an adapter or merged model folder (medtune/cards.py).
 
-    medtune card --model models/adapter --eval-base metrics/eval_base.json \
-        --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md --out adapter_card.md
+    medtune card --model models/adapter --eval-base eval/base/metrics.json \
+        --eval-tuned eval/tuned/metrics.json --data-card data/source/DATA_CARD.md --out adapter_card.md
 Reads params `format`, `card`.
 """
 

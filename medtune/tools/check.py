@@ -1,11 +1,13 @@
 """CI gate on pulled artifacts, without retraining: after `git clone` + `dvc pull`, check that
 
-1. `dvc status` is clean: every pulled output, metric and dependency matches dvc.lock;
+1. every output, metric and dependency dvc.lock records has the hash it records, each file hashed anew (not
+   `dvc status`, which trusts the hashes DVC cached by file size and time); a folder through its manifest;
 2. the metrics meet the thresholds given as options (tuned - base delta and its CI, test size,
    runaway and empty answers, merge check passed), and the two evaluations agree with each other;
 3. the lineage matches: the base model and chat template the adapter was trained with are the ones the
    params name now (metrics/lineage.json);
-4. the adapter loads on its base model and answers the first test questions.
+4. the adapter loads on its base model and answers the first test questions: only when the hashes hold, so that
+   nothing unverified is loaded.
 
 Every failure is listed at once in one line naming the file and the metric or output; exit 1.
 Not a DVC stage. Run from the repository root:  medtune check
@@ -25,8 +27,15 @@ import click
 from medtune import params
 from medtune.console import MedtuneError, cli_errors, setup_logging
 from medtune.generation import greedy
+from medtune.integrity import lock_problems
 from medtune.io import read_jsonl
-from medtune.models import lineage, load_adapter, load_model, load_tokenizer, resolve_base
+from medtune.models import (
+    lineage,
+    load_adapter,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+)
 from medtune.params import ModelParams
 
 log = logging.getLogger("medtune.check")
@@ -35,7 +44,7 @@ log = logging.getLogger("medtune.check")
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
     """What the pulled run must reach (the command's options)."""
-    metric: Literal["rouge1", "rouge2", "rougeL", "token_f1"]  # the score the thresholds apply to
+    metric: Literal["rouge1", "rouge2", "rougeL", "token_f1", "entity_f1"]  # the score the thresholds apply to
     min_delta: float  # tuned - base, paired mean over the test questions
     require_ci_above_zero: bool  # the delta's CI lower bound must be > 0
     min_test_questions: int
@@ -44,31 +53,6 @@ class Thresholds:
     require_merge_passed: bool
     questions: int  # test prompts the adapter must answer
     max_new_tokens: int
-
-
-def status_problems(repo: Path) -> list[str]:
-    """`dvc status` as one problem per changed path: 'models/adapter modified (output of stage train)'."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(repo)) as r:
-            status = r.status()
-    except DvcException as e:  # not a DVC repository, a broken dvc.yaml or dvc.lock
-        return [f"dvc status: {e}"]
-    changed: dict[tuple[str, str], list[str]] = {}  # (what changed, how) -> stages, so a shared dep is named once
-    for stage, changes in sorted(status.items()):
-        for change in changes:
-            if isinstance(change, str):  # e.g. "always changed", "changed command"
-                changed.setdefault((f"stage {stage}", change), [])
-                continue
-            for kind, paths in change.items():
-                role = {"changed outs": "output", "changed deps": "dependency"}.get(kind, kind)
-                for path, how in sorted(paths.items()) if isinstance(paths, dict) else [(str(paths), kind)]:
-                    detail = how if isinstance(how, str) else ", ".join(f"{k} {v}" for k, v in sorted(how.items()))
-                    changed.setdefault((f"{path}:" if isinstance(how, dict) else path, f"{detail} ({role}"), []).append(stage)
-    return [f"dvc status: {what} {how}{' of ' + ', '.join(stages) if stages else ''}; does not match dvc.lock)"
-            if stages else f"dvc status: {what}: {how}" for (what, how), stages in changed.items()]
 
 
 def read_metrics(path: Path, problems: list[str]) -> dict | None:
@@ -163,10 +147,12 @@ def answer_problems(p: Thresholds, m: ModelParams, base_path: Path, tok, adapter
 
 def run(p: Thresholds, m: ModelParams, repo: Path, adapter: Path, data_dir: Path, eval_base: Path, eval_tuned: Path,
         merge: Path, lineage_file: Path) -> dict:
-    problems = status_problems(repo)
+    hashes = lock_problems(repo)
     found, summary = metric_problems(p, eval_base, eval_tuned, merge)
-    problems += found
+    problems = hashes + found
     answers: list[str] = []
+    if hashes:  # hashes first: nothing unverified is loaded or run
+        raise MedtuneError(f"check failed ({len(problems)}): " + "; ".join(problems))
     try:
         base_path, identity = resolve_base(m)
         tok = load_tokenizer(base_path, m)
@@ -184,12 +170,12 @@ def run(p: Thresholds, m: ModelParams, repo: Path, adapter: Path, data_dir: Path
 @click.command()
 @click.option("--adapter", default="models/adapter", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", "data_dir", default="data/formatted", show_default=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--eval-base", default="metrics/eval_base.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--eval-tuned", default="metrics/eval_tuned.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--eval-base", default="eval/base/metrics.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--eval-tuned", default="eval/tuned/metrics.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--merge", default="metrics/merge.json", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--lineage", "lineage_file", default="metrics/lineage.json", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--metric", type=click.Choice(["rouge1", "rouge2", "rougeL", "token_f1"]), default="rougeL", show_default=True,
+@click.option("--metric", type=click.Choice(["rouge1", "rouge2", "rougeL", "token_f1", "entity_f1"]), default="rougeL", show_default=True,
               help="the score the thresholds apply to")
 @click.option("--min-delta", type=float, default=0.05, show_default=True, help="tuned - base (paired mean) must reach this")
 @click.option("--require-ci-above-zero/--allow-ci-with-zero", default=True, show_default=True,
@@ -210,7 +196,7 @@ def main(adapter: Path, data_dir: Path, eval_base: Path, eval_tuned: Path, merge
         (m,) = params.load("model")
         s = run(p, m, Path("."), adapter, data_dir, eval_base, eval_tuned, merge, lineage_file)
     d = f"delta_{p.metric}"
-    click.echo(f"check passed: dvc status clean; {d} {s[d]:+.4f} {s[f'{d}_ci']} (n={s['n']}); "
+    click.echo(f"check passed: every file matches dvc.lock; {d} {s[d]:+.4f} {s[f'{d}_ci']} (n={s['n']}); "
                f"adapter answered {len(s['answers'])} test question(s)")
 
 

@@ -43,7 +43,7 @@ COLUMNS = ["base_model", "revision", "run", "changed_params", "seeds", "n_test",
 @dataclasses.dataclass(frozen=True)
 class CompareParams:
     """The command's options."""
-    metric: Literal["rouge1", "rouge2", "rougeL", "token_f1"]  # the score compared and used to pick the best run
+    metric: Literal["rouge1", "rouge2", "rougeL", "token_f1", "entity_f1"]  # the score compared and used to pick the best run
     seed_noise_sigmas: float  # with several seeds, a delta within this many seed std devs of 0 is noise
 
 
@@ -140,7 +140,8 @@ def question_scores(run: dict, path: str, metric: str) -> dict[str, float]:
         if line.strip():
             try:
                 row = json.loads(line)
-                out[str(row["id"])] = float(row[metric])
+                if row[metric] is not None:  # entity F1: None where the reference names no entity to check
+                    out[str(row["id"])] = float(row[metric])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise MedtuneError(f"{path} of run {run['name']} line {i}: expected a JSON object with 'id' and "
                                    f"{metric!r}") from None
@@ -181,7 +182,7 @@ def fmt(row: dict, col: str, signed: bool = False) -> str:
 def markdown(rows: list[dict], p: CompareParams, reference: str | None = None, reference_predictions: str | None = None) -> str:
     lines = [
         f"# Fine-tunes compared by {p.metric}\n",
-        f"{p.metric} F1 of the base model and the tuned model (base + LoRA adapter) on the same test questions, "
+        f"{p.metric} of the base model and the tuned model (base + LoRA adapter) on the same test questions, "
         "with the bootstrap confidence interval of each run, and the paired delta (tuned - base). Runs that differ "
         f"only in the seed are one row: mean ± std over the seeds. *Within noise*: the delta's CI includes 0 (for "
         f"any seed), or with several seeds |mean delta| <= {p.seed_noise_sigmas:g} std. ★ is the best tuned "
@@ -271,12 +272,12 @@ def run(p: CompareParams, repo: Path, files: dict[str, str], out_dir: Path, refe
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--repo", default=".", show_default=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="the DVC repository whose experiments are compared")
-@click.option("--metric", type=click.Choice(["rouge1", "rouge2", "rougeL", "token_f1"]), default="rougeL", show_default=True,
+@click.option("--metric", type=click.Choice(["rouge1", "rouge2", "rougeL", "token_f1", "entity_f1"]), default="rougeL", show_default=True,
               help="the score compared; picks the best run")
 @click.option("--seed-noise-sigmas", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="with several seeds, a mean delta within this many seed std devs of 0 is noise")
-@click.option("--eval-base", default="metrics/eval_base.json", show_default=True, help="metrics file as named in dvc.yaml")
-@click.option("--eval-tuned", default="metrics/eval_tuned.json", show_default=True, help="metrics file as named in dvc.yaml")
+@click.option("--eval-base", default="eval/base/metrics.json", show_default=True, help="the base evaluation's figures, as dvc.yaml writes them")
+@click.option("--eval-tuned", default="eval/tuned/metrics.json", show_default=True, help="the tuned evaluation's figures, as dvc.yaml writes them")
 @click.option("--train", "train_metrics", default="metrics/train.json", show_default=True, help="metrics file as named in dvc.yaml")
 @click.option("--reference", help="a run's name: every run is also compared with it, question by question")
 @click.option("--predictions", default="eval/tuned/predictions.jsonl", show_default=True,

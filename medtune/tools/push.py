@@ -4,7 +4,7 @@
 
     medtune push --model models/merged --repo-id me/medtune-gemma-270m --dry-run
     medtune push --adapter models/adapter --repo-id me/medtune-gemma-270m-lora \
-        --eval-base metrics/eval_base.json --eval-tuned metrics/eval_tuned.json --data-card data/source/DATA_CARD.md
+        --eval-base eval/base/metrics.json --eval-tuned eval/tuned/metrics.json --data-card data/source/DATA_CARD.md
 
 The merged folder goes as the merge stage wrote it (its README.md is the card). The adapter goes with a
 card built now (medtune/cards.py) in place of peft's placeholder README.md. Reads params `format`, `card`
