@@ -7,8 +7,8 @@
 #   experiment     benchmarks/experiment_time.py in the background: the README's GPU command end to end, the plain
 #                  trl script with and without gradient checkpointing, a second experiment
 #   holdout        the GPU recipe on the held-out-source protocol (recipes/holdout_protocol.yaml), in the background
-#   folds N        leave-one-collection-out: the configurations of benchmarks/sweeps/folds.sh queued with
-#                  `medtune folds queue`, N DVC queue workers on the one GPU
+#   folds N        the holdout experiment, then leave-one-collection-out: the configurations of
+#                  benchmarks/sweeps/folds.sh queued with `medtune folds queue`; N DVC queue workers on the one GPU
 #   wait SECS      until the background work is done or SECS pass; copies what is finished to $OUT
 #   collect        `dvc exp show --json`, the experiments as a git bundle, logs, into $OUT
 set -euo pipefail
@@ -47,6 +47,11 @@ holdout-fg)
   ;;
 folds)
   cd "$W"
+  git reset -q --hard  # the last experiment's params and lock leave the workspace: queued runs start from main
+  REV=$(python -c "from medtune.models import local_revision; print(local_revision('$MODEL'))")
+  # first in the queue: the GPU recipe on the held-out-source protocol (the quality guard of the speed work)
+  eval "dvc exp run --queue -n gpu-holdout $(python -m medtune recipe recipes/gpu.yaml) \
+        $(python -m medtune recipe recipes/holdout_protocol.yaml) -S model.base=$MODEL -S model.revision=$REV"
   # shellcheck source=/dev/null
   MODEL=$MODEL source "$CHECKOUT/benchmarks/sweeps/folds.sh"
   setsid nohup dvc queue start -j "${2:-4}" > "$B/queue.log" 2>&1 < /dev/null &

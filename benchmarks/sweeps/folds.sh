@@ -1,6 +1,6 @@
 # Leave-one-collection-out comparison (issue 22), sourced by benchmarks/gpu_session.sh folds from the GPU clone:
 # the plain trl fine-tune and three candidates, each queued once per held-out MedQuAD collection with
-# `medtune folds queue`, fold by fold (so that an interrupted run leaves whole folds to compare). Every fold tests
+# `medtune folds queue`. Every fold tests
 # on the first $N questions of its collection by id, greedy answers of up to 256 new tokens.
 #   baseline   recipes/holdout_baseline.yaml's training (plain trl + peft settings); it runs padding-free and
 #              without mid-run evaluation or checkpoints to save GPU time: the same loss and updates
@@ -15,10 +15,14 @@ import pandas as pd; print(' '.join(sorted(pd.read_parquet('data/source/medquad_
 REV=$(python -c "from medtune.models import local_revision; print(local_revision('$MODEL'))")
 COMMON=(--set "model.base=$MODEL" --set "model.revision=$REV" --set evaluate.max_new_tokens=256
         --set evaluate.batch_size=320 --set evaluate.choice_max_examples=64 --test-questions "$N")
+# first the baseline and today's recipe on every fold, then the other candidates: DVC's queue runs in order, so a
+# run cut short still compares the recipe with the baseline on whole folds
 for source in $SOURCES; do
   python -m medtune folds queue baseline --recipe recipes/holdout_baseline.yaml --sources "$source" "${COMMON[@]}" \
     --set train.padding_free=true --set train.eval_steps=0 --set train.save_steps=0
   python -m medtune folds queue recipe --recipe recipes/gpu.yaml --sources "$source" "${COMMON[@]}"
+done
+for source in $SOURCES; do
   python -m medtune folds queue cut128 --recipe recipes/gpu.yaml --sources "$source" "${COMMON[@]}" \
     --set format.max_answer_tokens=128
   python -m medtune folds queue cut256 --recipe recipes/gpu.yaml --sources "$source" "${COMMON[@]}" \
