@@ -250,7 +250,7 @@ def test_the_export_params_are_checked(tmp_path):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         return params.load("export", path=tmp_path / "params.yaml")
 
-    assert load()[0].types == {"f16": 0.1, "q8_0": 3.0}  # the order is kept: the Modelfile names the first
+    assert load()[0].types == {"f16": 0.25, "q8_0": 8.0}  # the order is kept: the Modelfile names the first
     for bad in ({"q4_k": 1.0}, {}, {"f16": -0.1}, ["f16", "q8_0"]):
         with pytest.raises(MedtuneError, match=r"params.yaml:\d+: export.types"):
             load(types=bad)
