@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -24,6 +25,9 @@ class MedtuneError(Exception):
 
 
 def setup_logging() -> None:
+    # peft (PeftModel.__init__) and trl (models/utils.py) read transformers 5's deprecated alias
+    # `is_gradient_checkpointing`; nothing of ours does, and the warning would open every stage's log
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(
         level=os.environ.get("MEDTUNE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

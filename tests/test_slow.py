@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from tests.conftest import REPO
 from tests.helpers import dvc, ran
@@ -32,3 +33,13 @@ def test_default_dvc_repro_tunes_a_model_that_beats_its_base(tmp_path, monkeypat
     assert tuned["runaway_rate"] < 0.5  # the tuned model learned to stop
     assert json.loads((repo / "metrics/merge.json").read_text())["passed"]
     assert ran(dvc(repo, "repro")) == set()  # a second run reruns nothing
+    # the data a fresh clone makes is the committed run's, byte for byte (the models are compared on one machine
+    # in test_pipeline.py: float reductions may differ with the CPU's thread count)
+    committed, made = (output_hashes(yaml.safe_load(t)) for t in ((REPO / "dvc.lock").read_text(),
+                                                                 (repo / "dvc.lock").read_text()))
+    data = [k for k in committed if k.startswith("data/")]
+    assert len(data) == 4 and all(committed[k] == made[k] for k in data), {k: (committed[k], made.get(k)) for k in data}
+
+
+def output_hashes(lock: dict) -> dict[str, str]:
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
