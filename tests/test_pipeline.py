@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import yaml
+
 from tests.helpers import dvc, ran
 
 OUTPUTS = ["data/raw/manifest.json", "data/clean/records.jsonl", "data/split/test.jsonl", "data/formatted/train.jsonl",
@@ -29,6 +31,13 @@ def test_dvc_repro_end_to_end_then_cached_then_eval_only(repo_copy):
 
     assert ran(dvc(repo_copy, "repro")) == set()  # nothing reruns
 
+    # every stage run again gives byte-identical outputs: only metrics/ (wall times, tokens/s) may differ
+    first = output_hashes(repo_copy)
+    dvc(repo_copy, "repro", "--force")
+    second = output_hashes(repo_copy)
+    assert {"models/adapter", "models/merged", "eval/tuned", "data/formatted"} <= set(first)
+    assert {k for k in first if first[k] != second[k]} == set()
+
     params = (repo_copy / "params.yaml").read_text()
     (repo_copy / "params.yaml").write_text(params.replace("max_new_tokens: 8", "max_new_tokens: 6"))
     # merge: its model card cites the metrics; export: the merged model changed
@@ -47,3 +56,10 @@ def test_dvc_exp_run_compares_two_experiments(repo_copy):
     assert "lr-2e-3" in text and "0.002" in text and "eval_tuned.json" in text
     diff = dvc(repo_copy, "metrics", "diff", "HEAD", "--json")
     assert "metrics/eval_tuned.json" in diff or "metrics/train.json" in diff
+
+
+def output_hashes(repo) -> dict[str, str]:
+    """Each output dvc.lock records outside metrics/, with its md5 (a folder's: of its listing)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])
+            if not o["path"].startswith("metrics/")}

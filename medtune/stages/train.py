@@ -44,6 +44,8 @@ def run(p: TrainParams, m: ModelParams, base: BaseParams, data_dir: Path, out_di
     model = f.trainer.accelerator.unwrap_model(f.trainer.model)
     for config in model.peft_config.values():  # the base as params name it, not the folder it was loaded from here
         config.base_model_name_or_path = m.base
+        if isinstance(config.target_modules, set):  # peft's set would be written in a different order each run
+            config.target_modules = sorted(config.target_modules)
     with atomic_dir(out_dir) as tmp:
         # peft keeps only the adapter's weights of a gathered FSDP state dict
         model.save_pretrained(tmp, safe_serialization=True, state_dict=f.adapter_state)
