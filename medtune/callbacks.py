@@ -26,6 +26,9 @@ def guards(before_s: float) -> list:
         def on_log(self, args, state, control, logs=None, **kwargs):
             for key in ("loss", "grad_norm", "eval_loss"):
                 value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value) and state.global_step == 0:
+                    raise MedtuneError(f"train: the {key.replace('_', ' ')} is {value} before any training step: the "
+                                       "base model's weights or the data give a non-finite loss; no adapter was saved")
                 if isinstance(value, (int, float)) and not math.isfinite(value):
                     raise MedtuneError(f"train: the {key.replace('_', ' ')} became {value} at step {state.global_step} "
                                        f"(train.learning_rate={args.learning_rate:g}); training stopped and no adapter "

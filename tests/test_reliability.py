@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,67 @@ def test_secrets_never_reach_logs_or_model_cards(tmp_path, tiny_model, monkeypat
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+
+
+def test_outputs_get_the_umask_permissions_and_a_killed_writes_leftovers_go(tmp_path):
+    """Temp-then-rename must not leave owner-only files (mkstemp's 0600), and what a killed write left beside an
+    output (a temp folder git would show) is removed by the next write of that output."""
+    from medtune.io import atomic_dir, write_json
+
+    leftover = tmp_path / ".merged.abc123.tmp"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "merged") as tmp:
+            (tmp / "sub").mkdir()
+            write_json(tmp / "sub" / "run_config.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert not leftover.exists()
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "merged" / "sub" / "run_config.json").stat().st_mode & 0o777 == 0o644
+    ignored = subprocess.run(["git", "check-ignore", "-q", "models/.merged.abc123.tmp"], cwd=REPO)
+    assert ignored.returncode == 0  # git status does not show one meanwhile
+
+
+def test_an_error_while_writing_names_the_output_not_the_temp_folder(tmp_path):
+    from medtune.io import atomic_dir
+
+    with pytest.raises(OSError) as e, atomic_dir(tmp_path / "eval") as tmp:
+        (tmp / "predictions.jsonl").mkdir()
+        (tmp / "predictions.jsonl").write_text("x")  # a folder in the way: IsADirectoryError on a temp path
+    assert e.value.filename == str(tmp_path / "eval" / "predictions.jsonl") and ".tmp" not in str(e.value)
+    assert not (tmp_path / "eval").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_non_finite_loss_stops_training_and_saves_no_adapter(tmp_path, tiny_model, formatted):
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "model"  # a base whose final norm holds a NaN: every loss is NaN from the first step
+    shutil.copytree(tiny_model, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    p = train_params(broken, max_steps=4, logging_steps=1, save_steps=0)
+    with pytest.raises(MedtuneError, match=r"train: the eval loss is nan before any training step: the base model's "
+                                           r"weights or the data give a non-finite loss; no adapter was saved"):
+        train.run(p, model_params(broken), BASE, formatted, tmp_path / "adapter", tmp_path / "curves", tmp_path / "ckpt")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_failed_stage_under_dvc_says_what_happened_to_its_previous_outputs(monkeypatch):
+    from medtune.console import outputs_note
+
+    monkeypatch.setenv("DVC_STAGE", "fetch")
+    assert "`dvc checkout fetch` restores them" in outputs_note(kept=True, persist=False)
+    assert outputs_note(kept=True, persist=True) == "; the previous outputs were kept"
+    assert outputs_note(kept=False, persist=False) == ""  # chat, serve: they write nothing, so they claim nothing
+
+
+def test_a_missing_local_base_folder_is_not_taken_for_a_hub_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # models/mine: a folder path under an existing folder, not org/name on the hub
+    m = ModelParams(base="models/mine", revision="sha256:" + "0" * 64, chat_template="gemma3_base", trust_remote_code=False)
+    with pytest.raises(MedtuneError, match=r"model.base 'models/mine': no such folder"):
+        resolve_base(m)
