@@ -22,9 +22,10 @@ from pathlib import Path
 
 import click
 
-STAGES = {"fetch": "fetch", "clean": "clean", "split": "split", "format": "format", "report": "data_quality",
-          "train": "train", "evaluate_base": "eval_base", "evaluate_tuned": "eval_tuned", "merge": "merge",
-          "export": "export"}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's package, also where not installed
+from medtune.summary import STAGE_METRICS as STAGES
+
+# STAGES: each stage and its metrics file in metrics/, the one mapping `medtune summary` uses too
 
 
 def sh(cmd: list[str], cwd: Path, log: Path) -> tuple[float, str]:
